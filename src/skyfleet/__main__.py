@@ -1,0 +1,3 @@
+from skyfleet.cli.app import main
+
+main()

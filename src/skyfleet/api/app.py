@@ -1,0 +1,76 @@
+"""The ASGI application: routes from each surface, errors rendered in the OpenAI shape."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from skyfleet.api import health
+from skyfleet.api.admin import routes as admin
+from skyfleet.api.openai import inference, models
+from skyfleet.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    RouteNotFoundError,
+    SkyfleetError,
+)
+from skyfleet.runtime import Gateway
+
+log = logging.getLogger("skyfleet.api")
+
+
+def error_response(err: SkyfleetError) -> Response:
+    return Response(err.body_bytes(), status_code=err.status, media_type="application/json", headers=err.headers)
+
+
+async def _skyfleet_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SkyfleetError)
+    if exc.status >= 500:
+        log.warning("request failed", extra={"path": request.url.path, "code": exc.code, "status": exc.status})
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(RouteNotFoundError(f"Unknown request URL: {request.method} {request.url.path[:200]}."))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowedError(f"Method {request.method} is not allowed for this URL."))
+    return error_response(InvalidRequestError(str(exc.detail)[:200]))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Log the type only: exception messages can carry request data.
+    log.error("unexpected error", extra={"path": request.url.path, "error_type": type(exc).__name__},
+              exc_info=(type(exc), exc, None))
+    return error_response(SkyfleetError("The server had an error while processing your request."))
+
+
+def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
+    """The gateway's ASGI app. With ``manage_lifecycle`` the app starts and stops ``gw`` itself."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await gw.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await gw.stop()
+
+    app = Starlette(
+        routes=[*inference.routes, *models.routes, *health.routes, *admin.routes],
+        exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw
+    app.state.started_wall = time.time()
+    return app

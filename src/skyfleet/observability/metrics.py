@@ -1,0 +1,99 @@
+"""Gateway metrics (Prometheus), in a registry owned by the app (no global default registry).
+
+Label cardinality is bounded: ``tenant`` takes at most ``max_tenants`` distinct values (later
+ones are reported as ``other``); ``model`` comes from the configured model list only.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from skyfleet.fleet.registry import ReplicaRegistry
+from skyfleet.fleet.replica import ReplicaState
+from skyfleet.gateway.context import RequestRecord
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class BoundedLabel:
+    def __init__(self, limit: int, overflow: str = "other") -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._overflow = overflow
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return self._overflow
+
+
+class GatewayMetrics:
+    """Implements :class:`skyfleet.gateway.context.RequestObserver` for Prometheus."""
+
+    def __init__(self, registry: ReplicaRegistry, *, max_tenants: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._replicas = registry
+        self._tenant = BoundedLabel(max_tenants)
+        r = self.registry
+        self.requests = Counter(
+            "skyfleet_requests", "Requests finished, by outcome.", ["tenant", "model", "route", "status", "code"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "skyfleet_prompt_tokens", "Prompt tokens processed.", ["tenant", "model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "skyfleet_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", ["tenant", "model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "skyfleet_completion_tokens", "Completion tokens generated.", ["tenant", "model"], registry=r
+        )
+        self.ttft = Histogram(
+            "skyfleet_time_to_first_token_seconds", "Time to the first streamed event.", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.latency = Histogram(
+            "skyfleet_request_duration_seconds", "End-to-end request latency at the gateway.", ["model", "route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.retries = Counter("skyfleet_upstream_retries", "Requests retried on another replica.", registry=r)
+        self.auth_failures = Counter("skyfleet_auth_failures", "Requests refused for their credential.", registry=r)
+        self.client_errors = Counter(
+            "skyfleet_client_errors", "Requests refused before routing, by error code.", ["code"], registry=r
+        )
+        self.replica_states = Gauge(
+            "skyfleet_replicas", "Replicas by model and state.", ["model", "state"], registry=r
+        )
+        self.inflight = Gauge("skyfleet_inflight_requests", "Requests in flight to replicas.", registry=r)
+
+    def on_finish(self, rec: RequestRecord) -> None:
+        tenant = self._tenant(rec.tenant_name)
+        self.requests.labels(tenant, rec.model, rec.route, rec.status, rec.error_code or "").inc()
+        if rec.prompt_tokens:
+            self.prompt_tokens.labels(tenant, rec.model).inc(rec.prompt_tokens)
+        if rec.cached_tokens:
+            self.cached_tokens.labels(tenant, rec.model).inc(rec.cached_tokens)
+        if rec.completion_tokens:
+            self.completion_tokens.labels(tenant, rec.model).inc(rec.completion_tokens)
+        if rec.ttft_s is not None:
+            self.ttft.labels(rec.model).observe(rec.ttft_s)
+        self.latency.labels(rec.model, rec.route).observe(rec.duration_s)
+        if rec.attempts > 1:
+            self.retries.inc()
+
+    def render(self) -> bytes:
+        counts: dict[tuple[str, str], int] = {}
+        inflight = 0
+        for entry in self._replicas.entries.values():
+            key = (entry.spec.model, entry.state.value)
+            counts[key] = counts.get(key, 0) + 1
+            inflight += entry.outstanding
+        for model in self._replicas.models():
+            for state in ReplicaState:
+                self.replica_states.labels(model, state.value).set(counts.get((model, state.value), 0))
+        self.inflight.set(inflight)
+        return generate_latest(self.registry)
