@@ -8,6 +8,7 @@ the object is frozen afterwards and passed to whatever needs it (no global insta
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -112,13 +112,6 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
-    @model_validator(mode="after")
-    def _models_consistent(self) -> Settings:
-        if self.local.replicas == 0 and not self.static_replicas:
-            # Allowed (a gateway with nothing to route to answers 503), but say why at start-up.
-            pass
-        return self
-
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "skyfleet.db"
@@ -145,8 +138,38 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+#: SKYFLEET_* variables that are not settings fields.
+_NON_FIELD_ENV = {"SKYFLEET_CONFIG"}
+
+
+def _check_env_names() -> None:
+    """Reject unknown SKYFLEET_* variables: a typo must not be silently ignored."""
+    fields = {name.upper(): info for name, info in Settings.model_fields.items()}
+    for var in os.environ:
+        if not var.startswith("SKYFLEET_") or var in _NON_FIELD_ENV or var.startswith("SKYFLEET_TEST_"):
+            continue
+        top, _, nested = var.removeprefix("SKYFLEET_").partition("__")
+        info = fields.get(top)
+        ok = info is not None
+        if ok and nested:
+            sub = info.annotation if isinstance(info.annotation, type) else None
+            ok = sub is not None and issubclass(sub, BaseModel) and nested.lower() in sub.model_fields
+        if not ok:
+            names = list(fields) + [
+                f"{top_name}__{sub.upper()}"
+                for top_name, f in fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+                for sub in f.annotation.model_fields
+            ]
+            hint = difflib.get_close_matches(var.removeprefix("SKYFLEET_"), names, n=1)
+            did_you_mean = f" (did you mean SKYFLEET_{hint[0]}?)" if hint else ""
+            raise ConfigError(f"invalid configuration:\n  {var.lower().removeprefix('skyfleet_')}: "
+                              f"unknown setting {var}{did_you_mean}")
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build and validate the settings; raise :class:`ConfigError` with readable messages."""
+    _check_env_names()
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"config file not found: {config_file}")

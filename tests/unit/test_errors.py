@@ -1,0 +1,51 @@
+"""The error tree renders the OpenAI shape, and engine errors are mapped at the boundary."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from skyfleet import errors as e
+
+
+def test_shape() -> None:
+    body = orjson.loads(e.ModelNotFoundError("x", ["a", "b"]).body_bytes())
+    assert body == {"error": {"message": "The model 'x' does not exist. Available models: a, b.",
+                              "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+
+
+def test_authentication_error_is_opaque() -> None:
+    a, b = e.AuthenticationError(), e.AuthenticationError()
+    assert a.body() == b.body() and a.status == 401
+    assert a.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_retry_after() -> None:
+    err = e.NoReplicaAvailableError("none", retry_after_s=3)
+    assert err.status == 503 and err.headers == {"Retry-After": "3"}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "code"),
+    [
+        (400, b'{"error":{"code":400,"message":"request (3001 tokens) exceeds the available context size '
+              b'(2048 tokens)","type":"exceed_context_size_error"}}', e.ContextLengthExceededError,
+         "context_length_exceeded"),
+        (400, b'{"error":{"message":"bad grammar","type":"invalid_request_error"}}', e.InvalidRequestError, None),
+        (404, b'{"error":"nope"}', e.NotFoundError, "not_found"),
+        (500, b"<html>internal</html>", e.UpstreamError, "upstream_error"),
+        (503, b'{"error":{"message":"Loading model"}}', e.UpstreamConnectError, "upstream_unreachable"),
+        (422, b"not json at all", e.InvalidRequestError, None),
+    ],
+)
+def test_from_upstream(status: int, body: bytes, expected: type, code: str | None) -> None:
+    err = e.from_upstream(status, body)
+    assert type(err) is expected
+    assert 400 <= err.status < 600
+    if code:
+        assert err.code == code
+
+
+def test_upstream_5xx_body_is_not_echoed() -> None:
+    err = e.from_upstream(500, b'{"error":{"message":"SECRET-PROMPT-TEXT"}}')
+    assert "SECRET" not in err.message
