@@ -113,15 +113,22 @@ def _session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
     )
 
 
-async def closed_loop(spec: LoadSpec, *, concurrency: int, requests: int, timeout_s: float = 120) -> list[Sample]:
-    """``concurrency`` workers, each sending its next request as soon as the last one ends."""
+async def closed_loop(spec: LoadSpec, *, concurrency: int, requests: int, duration_s: float | None = None,
+                      timeout_s: float = 120) -> list[Sample]:
+    """``concurrency`` workers, each sending its next request as soon as the last one ends.
+
+    Stops after ``requests`` requests, or once ``duration_s`` has passed (whichever is first).
+    """
     samples: list[Sample] = []
     counter = iter(range(requests))
+    deadline = time.perf_counter() + duration_s if duration_s else float("inf")
     async with _session(concurrency, timeout_s) as session:
 
         async def worker() -> None:
             for i in counter:
                 samples.append(await _one(session, spec, i))
+                if time.perf_counter() > deadline:
+                    return
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples

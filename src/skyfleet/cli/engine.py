@@ -39,9 +39,25 @@ def sim(
     model: Annotated[str, typer.Option()] = "sim-model",
     profile: Annotated[Path | None, typer.Option(help="Timing profile (YAML/JSON).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Near-zero delays, for measuring gateway overhead.")] = False,
+    paced: Annotated[str | None, typer.Option(
+        help="Fixed timing 'TTFT_S,TPOT_S' regardless of load, e.g. '0.05,0.01'.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always generate exactly max_tokens.")] = False,
 ) -> None:
     """A simulated OpenAI-compatible engine with realistic timing and vLLM-named metrics."""
+    import dataclasses
+
     from skyfleet.engines.sim import SimProfile, load_profile, run
 
-    prof = load_profile(profile) if profile else (SimProfile.fast() if fast else SimProfile())
+    if profile:
+        prof = load_profile(profile)
+    elif paced:
+        try:
+            ttft_s, tpot_s = (float(x) for x in paced.split(","))
+        except ValueError:
+            raise typer.BadParameter("expected 'TTFT_S,TPOT_S', e.g. 0.05,0.01", param_hint="--paced") from None
+        prof = SimProfile.paced(ttft_s=ttft_s, tpot_s=tpot_s)
+    else:
+        prof = SimProfile.fast() if fast else SimProfile()
+    if ignore_eos:
+        prof = dataclasses.replace(prof, ignore_eos=True)
     run(host=host, port=port, profile=prof, model=model, fast=fast)
