@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import LoadSpec, closed_loop, summarise  # noqa: E402
-from procstat import cpu_seconds, memory  # noqa: E402
+from loadgen import LoadSpec, closed_loop, summarise
+from procstat import cpu_seconds, memory
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"

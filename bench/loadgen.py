@@ -100,7 +100,7 @@ async def _one(session: aiohttp.ClientSession, spec: LoadSpec, i: int) -> Sample
                             s.itl.append(now - last)
                         last = now
                         s.chunks += 1
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         s.error = type(exc).__name__
     s.end = time.perf_counter()
     return s

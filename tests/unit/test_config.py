@@ -60,7 +60,7 @@ def test_invalid_values_name_the_field(env: dict[str, str], field: str, monkeypa
 def test_bad_static_replica_url(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("static_replicas:\n  - {url: 'gpu-1:8000', model: m}\n")
-    with pytest.raises(ConfigError, match="static_replicas.0.url"):
+    with pytest.raises(ConfigError, match=r"static_replicas\.0\.url"):
         load_settings(cfg)
 
 

@@ -6,6 +6,7 @@ Single-threaded by design (it lives on the gateway's event loop); no locks neede
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 from skyfleet.fleet.replica import ReplicaSpec, ReplicaState
@@ -117,9 +118,8 @@ class ReplicaRegistry:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_changed(self, timeout: float) -> None:
+    async def wait_changed(self, within_s: float) -> None:
+        """Return when the registry changes, or after ``within_s`` seconds."""
         event = self._changed
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), within_s)
