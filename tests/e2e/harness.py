@@ -18,6 +18,7 @@ import httpx
 import openai
 
 MODEL = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parents[2]
 _KEY = re.compile(r"(API key|Admin key)\s+\([^)]*\):\s+(sk-sf-\S+)")
 
 
@@ -46,6 +47,7 @@ class Gateway:
     env: dict[str, str]
     keys: dict[str, str] = field(default_factory=dict)
     stderr_path: Path | None = None
+    group: bool = False  # started in its own process group (via make)
 
     @property
     def member_key(self) -> str:
@@ -73,12 +75,14 @@ class Gateway:
         r.raise_for_status()
         return list(r.json()["data"])
 
-    def ready(self) -> bool:
+    def ready(self, replicas: int = 1) -> bool:
+        """Ready, with at least ``replicas`` replicas in routing (readiness alone needs one per model)."""
         try:
             with self.http() as h:
-                return h.get("/readyz", timeout=2).status_code == 200
+                r = h.get("/readyz", timeout=2)
         except httpx.HTTPError:
             return False
+        return r.status_code == 200 and sum(r.json()["ready_replicas"].values()) >= replicas
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include ``labels``."""
@@ -104,7 +108,10 @@ class Gateway:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if self.group:
+                os.killpg(self.proc.pid, sig)  # make and the gateway under it
+            else:
+                self.proc.send_signal(sig)
         return self.proc.wait(timeout_s)
 
     def logs(self) -> str:
@@ -120,18 +127,23 @@ def gateway_env(data_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 90, **settings: str) -> Gateway:
+def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 90, via_make: bool = False,
+                  **settings: str) -> Gateway:
+    """Start ``skyfleet serve`` (or the README's ``make serve``) and wait until its replicas are in routing."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / ".skyfleet"
     port = free_port()
     env = gateway_env(data_dir, **settings)
     stderr_path = workdir / "gateway.stderr.log"
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "skyfleet", "serve", "--port", str(port), "--replicas", str(replicas)],
-            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-        )
-    gw = Gateway(proc=proc, url=f"http://127.0.0.1:{port}", data_dir=data_dir, env=env, stderr_path=stderr_path)
+        if via_make:
+            cmd, cwd = ["make", "-s", "serve", f"PORT={port}"], ROOT
+        else:
+            cmd, cwd = [sys.executable, "-m", "skyfleet", "serve", "--port", str(port), "--replicas", str(replicas)], workdir
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=via_make)
+    gw = Gateway(proc=proc, url=f"http://127.0.0.1:{port}", data_dir=data_dir, env=env, stderr_path=stderr_path,
+                 group=via_make)
     out_lines: list[str] = []
 
     def read_stdout() -> None:
@@ -144,7 +156,8 @@ def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 
 
     threading.Thread(target=read_stdout, daemon=True).start()
     try:
-        wait_until(lambda: gw.ready() or proc.poll() is not None, ready_timeout_s, 0.1, "gateway readiness")
+        wait_until(lambda: gw.ready(max(1, replicas)) or proc.poll() is not None, ready_timeout_s, 0.1,
+                   "gateway readiness")
     except TimeoutError:
         proc.kill()
         raise

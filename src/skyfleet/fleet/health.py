@@ -1,11 +1,17 @@
-"""Health checks for every replica: promote to READY on success, demote after repeated failures."""
+"""Health checks for every replica: promote to READY on success, demote after repeated failures.
+
+Every ``scrape_every`` rounds the checker also reads each ready replica's ``/metrics`` through
+the engine adapters (:mod:`skyfleet.engines.metrics`), so routing sees the engines' own queues
+(work sent by other gateways included). Parsing runs in a worker thread, off the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from skyfleet.fleet.registry import ReplicaRegistry
+from skyfleet.engines.metrics import MetricsParseError, parse_metrics
+from skyfleet.fleet.registry import ReplicaEntry, ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaState
 from skyfleet.gateway.upstream import UpstreamClient
 
@@ -16,10 +22,30 @@ FAILURES_TO_DEMOTE = 2
 
 
 class HealthChecker:
-    def __init__(self, registry: ReplicaRegistry, upstream: UpstreamClient, *, interval_s: float) -> None:
+    def __init__(
+        self, registry: ReplicaRegistry, upstream: UpstreamClient, *, interval_s: float, scrape_every: int = 4
+    ) -> None:
         self._registry = registry
         self._upstream = upstream
         self._interval_s = interval_s
+        self._scrape_every = scrape_every
+
+    async def scrape_once(self) -> None:
+        entries = [e for e in self._registry.entries.values() if e.state == ReplicaState.READY]
+        texts = await asyncio.gather(*(self._upstream.get_text(e.spec.metrics_url, 2.0) for e in entries))
+        for entry, (status, text) in zip(entries, texts, strict=True):
+            if status == 200:
+                await asyncio.to_thread(self._apply_metrics, entry, text)
+
+    @staticmethod
+    def _apply_metrics(entry: ReplicaEntry, text: str) -> None:
+        try:
+            m = parse_metrics(entry.spec.engine, text, model=entry.spec.upstream_model)  # type: ignore[arg-type]
+        except (MetricsParseError, ValueError):
+            return
+        entry.engine_running = m.requests_running
+        entry.engine_waiting = m.requests_waiting
+        entry.kv_cache_usage = m.kv_cache_usage
 
     async def check_once(self) -> None:
         entries = [
@@ -42,6 +68,10 @@ class HealthChecker:
                 self._registry.set_state(entry.spec.id, ReplicaState.UNHEALTHY, f"health check: {status or detail}")
 
     async def run(self) -> None:
+        rounds = 0
         while True:
             await self.check_once()
+            rounds += 1
+            if rounds % self._scrape_every == 0:
+                await self.scrape_once()
             await asyncio.sleep(self._interval_s)

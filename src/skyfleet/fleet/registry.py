@@ -21,6 +21,7 @@ class ReplicaEntry:
     capacity: int = 1
     engine_running: float = 0.0
     engine_waiting: float = 0.0
+    kv_cache_usage: float | None = None
     pid: int | None = None
     restarts: int = 0
     last_error: str | None = None

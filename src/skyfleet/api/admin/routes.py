@@ -77,6 +77,7 @@ async def list_replicas(request: Request) -> JSONResponse:
             "url": e.spec.base_url, "state": e.state.value, "pool": e.spec.pool, "tier": e.spec.tier,
             "pid": e.pid, "outstanding": e.outstanding, "capacity": e.capacity, "restarts": e.restarts,
             "served": e.served, "last_error": e.last_error,
+            "engine_load": {"running": e.engine_running, "waiting": e.engine_waiting, "kv_cache_usage": e.kv_cache_usage},
         }
         for e in gw.registry.entries.values()
     ]
