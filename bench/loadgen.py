@@ -114,23 +114,29 @@ def _session(limit: int, timeout_s: float) -> aiohttp.ClientSession:
 
 
 async def closed_loop(spec: LoadSpec, *, concurrency: int, requests: int, duration_s: float | None = None,
-                      timeout_s: float = 120) -> list[Sample]:
+                      timeout_s: float = 120, stagger_s: float = 0.0, seed: int = 0) -> list[Sample]:
     """``concurrency`` workers, each sending its next request as soon as the last one ends.
 
     Stops after ``requests`` requests, or once ``duration_s`` has passed (whichever is first).
+    ``stagger_s`` spreads the workers' first requests uniformly over that many seconds: with
+    requests of equal length, workers that start together stay phase-locked and every "round"
+    arrives as one burst of ``concurrency`` requests.
     """
+    rng = random.Random(seed)
     samples: list[Sample] = []
     counter = iter(range(requests))
     deadline = time.perf_counter() + duration_s if duration_s else float("inf")
     async with _session(concurrency, timeout_s) as session:
 
-        async def worker() -> None:
+        async def worker(delay: float) -> None:
+            if delay:
+                await asyncio.sleep(delay)
             for i in counter:
                 samples.append(await _one(session, spec, i))
                 if time.perf_counter() > deadline:
                     return
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(rng.uniform(0, stagger_s) if stagger_s else 0.0) for _ in range(concurrency)))
     return samples
 
 

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from skyfleet.api import health
 from skyfleet.api.admin import routes as admin
+from skyfleet.api.deps import RequestIds
 from skyfleet.api.openai import inference, models
 from skyfleet.errors import (
     InvalidRequestError,
@@ -72,5 +73,6 @@ def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
         lifespan=lifespan,
     )
     app.state.gateway = gw
+    app.state.request_ids = RequestIds()
     app.state.started_wall = time.time()
     return app

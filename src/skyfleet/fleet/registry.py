@@ -34,6 +34,7 @@ class ReplicaRegistry:
     entries: dict[str, ReplicaEntry] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _seq: int = 0
+    _models: list[str] | None = None  # cached; membership changes reset it
 
     # -- membership -------------------------------------------------------------------------
     def add(self, spec: ReplicaSpec, *, capacity: int = 1, state: ReplicaState = ReplicaState.STARTING) -> ReplicaEntry:
@@ -73,7 +74,9 @@ class ReplicaRegistry:
         return self.entries.get(replica_id)
 
     def models(self) -> list[str]:
-        return sorted({e.spec.model for e in self.entries.values()})
+        if self._models is None:
+            self._models = sorted({e.spec.model for e in self.entries.values()})
+        return self._models
 
     def context_window(self, model: str) -> int | None:
         windows = [e.spec.context_window for e in self.entries.values() if e.spec.model == model]
@@ -116,6 +119,7 @@ class ReplicaRegistry:
 
     # -- change notification ----------------------------------------------------------------
     def _notify(self) -> None:
+        self._models = None
         self._changed.set()
         self._changed = asyncio.Event()
 

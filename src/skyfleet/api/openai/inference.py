@@ -33,7 +33,7 @@ async def _handle(request: Request, route: str, path: str, schema: type[ChatComp
             "for the prompt. Lower it.", param=param)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     ctx = RequestContext(
-        request_id=new_request_id(), principal=principal, route=route, model=body.model, stream=body.stream,
+        request_id=new_request_id(request), principal=principal, route=route, model=body.model, stream=body.stream,
         include_usage=include_usage, started=gw.clock.now(), started_wall=gw.clock.wall(),
     )
     if body.stream:

@@ -317,19 +317,30 @@ class SimModel:
             heapq.heappop(dec)
         t = pre[0][0] if pre else math.inf
         if dec:
-            t = min(t, self._now + max(dec[0][0] - self._v, 0.0) * tpot)
+            v_done = dec[0][0]
+            t = min(t, self._now if self._finish_due(v_done, tpot) else self._now + (v_done - self._v) * tpot)
         return t
+
+    def _finish_due(self, v_done: float, tpot: float) -> bool:
+        """Whether a finish at decode clock ``v_done`` is due now (the one test of it, with tolerance)."""
+        left = v_done - self._v
+        return left <= _TOKEN_EPS or left * tpot <= _TIME_EPS
 
     def _advance_to(self, t: float) -> None:
         while True:
             tpot = self._tpot()
             t_evt = self._next_event_at(tpot)
             if t_evt > t:
-                break
+                self._decode_until(t, tpot)
+                # Decoding to t moves the decode clock by (t - now) / tpot, which can round onto
+                # (within tolerance of) a finish predicted a hair after t: look again, or that
+                # finish would stay pending until some later sync even though it is due by now.
+                t_evt = self._next_event_at(tpot)
+                if t_evt > t:
+                    return
             self._decode_until(t_evt, tpot)
             self._fire(t_evt, tpot)
             self._admit(t_evt)
-        self._decode_until(t, tpot)
 
     def _decode_until(self, t: float, tpot: float) -> None:
         if t > self._now:
@@ -352,7 +363,7 @@ class SimModel:
             heapq.heappush(dec, (self._v + r.target_tokens - 1, rid, r))
         while dec:
             v_done, rid, r = dec[0]
-            if rid in running and v_done - self._v > _TOKEN_EPS and (v_done - self._v) * tpot > _TIME_EPS:
+            if rid in running and not self._finish_due(v_done, tpot):
                 break
             heapq.heappop(dec)
             if rid in running:
