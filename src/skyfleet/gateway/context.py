@@ -18,6 +18,7 @@ class RequestContext:
     include_usage: bool
     started: float  # clock.now() at arrival
     started_wall: float
+    session_key: str | None = None  # for session-affinity routing
 
 
 @dataclass(slots=True)

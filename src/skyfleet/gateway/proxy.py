@@ -1,46 +1,50 @@
-"""Forward one OpenAI request to a replica: choose, send, retry once before the first byte, relay.
+"""Forward one OpenAI request to a replica: choose, send, retry once before the first byte.
 
 * A request that fails before anything was sent to the client (connect error, engine 5xx,
   connection lost while a non-streaming reply was being produced, stream broken before its
   first event) is retried once on another replica.
-* A stream that breaks after its first event ends with an OpenAI-style ``error`` event (the
-  ``openai`` SDK raises ``APIError`` on it), never a silent truncation.
 * Usage is always requested from the engine (``stream_options.include_usage``) so that every
-  request is metered; the usage chunk is passed on only when the client asked for it.
+  request is metered; whoever consumes the stream decides whether the client sees that chunk.
+* Every request ends in exactly one :class:`RequestRecord` for the observer (metrics, metering).
+
+Consumers: :mod:`skyfleet.gateway.relay` relays chat/completions streams as they are; the
+Responses API service reads the same :class:`UpstreamStream` and re-shapes its events.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from skyfleet.clock import Clock
-from skyfleet.errors import (
-    NoReplicaAvailableError,
-    SkyfleetError,
-    UpstreamError,
-    from_upstream,
-)
+from skyfleet.errors import NoReplicaAvailableError, SkyfleetError, UpstreamError, from_upstream
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec
 from skyfleet.gateway.context import RequestContext, RequestObserver, RequestRecord
 from skyfleet.gateway.upstream import SSEStream, UpstreamClient
 from skyfleet.routing.policy import RouteRequest, RoutingPolicy
 
-_DONE = b"data: [DONE]"
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+DONE = b"data: [DONE]"
 
 
-def _usage_of(obj: dict[str, Any]) -> tuple[int, int, int] | None:
+def usage_of(obj: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) tokens from an OpenAI object's ``usage``, if present."""
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class UnaryReply:
+    body: bytes  # what the client gets (model name already ours)
+    data: dict[str, Any]  # the same, parsed
+    replica_id: str
 
 
 class Proxy:
@@ -59,27 +63,24 @@ class Proxy:
         self._clock = clock
         self._observer = observer
 
-    # -- choosing ---------------------------------------------------------------------------
+    # -- shared -----------------------------------------------------------------------------
     def _pick(self, ctx: RequestContext, exclude: frozenset[str]) -> ReplicaSpec | None:
         snapshot = self._registry.snapshot(ctx.model, self._clock.now())
-        choice = self._policy.choose(snapshot, RouteRequest(ctx.principal.tenant_id, ctx.model, exclude=exclude))
+        request = RouteRequest(ctx.principal.tenant_id, ctx.model, session_key=ctx.session_key, exclude=exclude)
+        choice = self._policy.choose(snapshot, request)
         entry = self._registry.get(choice) if choice is not None else None
         return entry.spec if entry is not None else None
 
-    def _record(self, ctx: RequestContext, **fields: Any) -> RequestRecord:
+    def record(self, ctx: RequestContext, **fields: Any) -> None:
         p = ctx.principal
-        return RequestRecord(
-            request_id=ctx.request_id,
-            tenant_id=p.tenant_id,
-            tenant_name=p.tenant_name,
-            key_id=p.key_id,
-            model=ctx.model,
-            route=ctx.route,
-            stream=ctx.stream,
-            started_wall=ctx.started_wall,
-            duration_s=self._clock.now() - ctx.started,
-            **fields,
-        )
+        self._observer.on_finish(RequestRecord(
+            request_id=ctx.request_id, tenant_id=p.tenant_id, tenant_name=p.tenant_name, key_id=p.key_id,
+            model=ctx.model, route=ctx.route, stream=ctx.stream, started_wall=ctx.started_wall,
+            duration_s=self._clock.now() - ctx.started, **fields,
+        ))
+
+    def _no_replica(self, ctx: RequestContext) -> SkyfleetError:
+        return NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
 
     @staticmethod
     def _body_for(spec: ReplicaSpec, payload: dict[str, Any]) -> bytes:
@@ -87,9 +88,9 @@ class Proxy:
         return orjson.dumps(payload)
 
     # -- non-streaming ----------------------------------------------------------------------
-    async def unary(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> bytes:
+    async def unary(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UnaryReply:
         exclude: frozenset[str] = frozenset()
-        last: SkyfleetError = NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
+        last = self._no_replica(ctx)
         for attempt in (1, 2):
             spec = self._pick(ctx, exclude)
             if spec is None:
@@ -99,8 +100,8 @@ class Proxy:
                 reply = await self._upstream.post_json(spec, path, self._body_for(spec, payload))
             except UpstreamError as exc:
                 if not exc.retryable:
-                    self._observer.on_finish(self._record(ctx, status="failed", http_status=exc.status,
-                                                          replica_id=spec.id, error_code=exc.code, attempts=attempt))
+                    self.record(ctx, status="failed", http_status=exc.status, replica_id=spec.id,
+                                error_code=exc.code, attempts=attempt)
                     raise
                 self._registry.mark_failed(spec.id, exc.message)
                 exclude, last = exclude | {spec.id}, exc
@@ -112,180 +113,128 @@ class Proxy:
                 continue
             if reply.status >= 400:
                 err = from_upstream(reply.status, reply.body)
-                self._observer.on_finish(self._record(ctx, status="failed", http_status=err.status,
-                                                      replica_id=spec.id, error_code=err.code, attempts=attempt))
+                self.record(ctx, status="failed", http_status=err.status, replica_id=spec.id, error_code=err.code,
+                            attempts=attempt)
                 raise err
             try:
                 data = orjson.loads(reply.body)
             except orjson.JSONDecodeError:
                 exclude, last = exclude | {spec.id}, UpstreamError("the engine sent an unreadable reply")
                 continue
-            usage = _usage_of(data) or (0, 0, 0)
+            prompt, completion, cached = usage_of(data) or (0, 0, 0)
             body = reply.body
-            if spec.upstream_model != ctx.model or data.get("model") != ctx.model:
+            if data.get("model") != ctx.model:
                 data["model"] = ctx.model
                 body = orjson.dumps(data)
-            self._observer.on_finish(self._record(
-                ctx, status="completed", http_status=200, replica_id=spec.id, prompt_tokens=usage[0],
-                completion_tokens=usage[1], cached_tokens=usage[2], attempts=attempt))
-            return body
-        self._observer.on_finish(self._record(ctx, status="failed", http_status=last.status, error_code=last.code,
-                                              attempts=len(exclude) or 1))
+            self.record(ctx, status="completed", http_status=200, replica_id=spec.id, prompt_tokens=prompt,
+                        completion_tokens=completion, cached_tokens=cached, attempts=attempt)
+            return UnaryReply(body, data, spec.id)
+        self.record(ctx, status="failed", http_status=last.status, error_code=last.code, attempts=len(exclude) or 1)
         raise last
 
     # -- streaming --------------------------------------------------------------------------
-    async def stream(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> StreamRelay:
+    async def open_stream(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UpstreamStream:
+        """Open a stream and read its first event, retrying once elsewhere if that fails."""
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         exclude: frozenset[str] = frozenset()
-        last: SkyfleetError = NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
+        last = self._no_replica(ctx)
         for attempt in (1, 2):
             spec = self._pick(ctx, exclude)
             if spec is None:
                 break
             self._registry.acquire(spec.id)
-            opened = None
+            opened: SSEStream | None = None
             try:
-                opened = await self._upstream.open_stream(spec, path, self._body_for(spec, payload))
-                if not isinstance(opened, SSEStream):
-                    err = from_upstream(opened.status, opened.body)
-                    if opened.status >= 500:
-                        exclude, last = exclude | {spec.id}, err
-                        self._registry.release(spec.id)
-                        continue
+                reply = await self._upstream.open_stream(spec, path, self._body_for(spec, payload))
+                if not isinstance(reply, SSEStream):
+                    err = from_upstream(reply.status, reply.body)
+                    if reply.status >= 500:
+                        raise UpstreamError(err.message)  # retry elsewhere, replica stays in routing
                     self._registry.release(spec.id)
-                    self._observer.on_finish(self._record(ctx, status="failed", http_status=err.status,
-                                                          replica_id=spec.id, error_code=err.code, attempts=attempt))
+                    self.record(ctx, status="failed", http_status=err.status, replica_id=spec.id,
+                                error_code=err.code, attempts=attempt)
                     raise err
+                opened = reply
                 events = aiter(opened)
                 first = await anext(events, None)
                 if first is None:
-                    raise UpstreamError("the engine closed the stream before its first event", code=None)
+                    raise UpstreamError("the engine closed the stream before its first event")
             except UpstreamError as exc:
                 self._registry.release(spec.id)
-                if isinstance(opened, SSEStream):
+                if opened is not None:
                     opened.close()
-                self._registry.mark_failed(spec.id, exc.message)
+                    self._registry.mark_failed(spec.id, exc.message)
+                elif exc.retryable:
+                    self._registry.mark_failed(spec.id, exc.message)
                 exclude, last = exclude | {spec.id}, exc
                 continue
             except BaseException:
                 self._registry.release(spec.id)
-                if isinstance(opened, SSEStream):
+                if opened is not None:
                     opened.close()
                 raise
-            return StreamRelay(self, ctx, spec, opened, events, first, attempt)
-        self._observer.on_finish(self._record(ctx, status="failed", http_status=last.status, error_code=last.code,
-                                              attempts=len(exclude) or 1))
+            return UpstreamStream(self, ctx, spec, opened, events, first, attempt)
+        self.record(ctx, status="failed", http_status=last.status, error_code=last.code, attempts=len(exclude) or 1)
         raise last
 
-    def _finish_stream(self, relay: StreamRelay, status: str, error: SkyfleetError | None) -> None:
-        """Called exactly once per relayed stream (by :meth:`StreamRelay._done`)."""
-        self._registry.release(relay.spec.id)
-        # Without the engine's usage chunk (the client left early), count the relayed events:
+    def _finish_stream(self, s: UpstreamStream, status: str, error: SkyfleetError | None) -> None:
+        self._registry.release(s.spec.id)
+        # Without the engine's usage chunk (the client left early) count the content events:
         # engines send one event per generated token.
-        p, c, k = relay.usage if relay.usage is not None else (0, relay.content_events, 0)
-        self._observer.on_finish(self._record(
-            relay.ctx, status=status, http_status=200, replica_id=relay.spec.id, prompt_tokens=p,
-            completion_tokens=c, cached_tokens=k, ttft_s=relay.ttft_s, attempts=relay.attempt,
-            error_code=error.code if error else None))
+        p, c, k = s.usage if s.usage is not None else (0, s.content_events, 0)
+        self.record(s.ctx, status=status, http_status=200, replica_id=s.spec.id, prompt_tokens=p,
+                    completion_tokens=c, cached_tokens=k, ttft_s=s.ttft_s, attempts=s.attempt,
+                    error_code=error.code if error else None)
 
 
-def _error_event(err: SkyfleetError) -> bytes:
-    return b"data: " + err.body_bytes() + b"\n\n"
+class UpstreamStream:
+    """An open stream from a replica: its SSE events (raw bytes, first one included), its usage.
 
+    Iterate it once. Call :meth:`finish` exactly when the consumer is done (idempotent): that
+    releases the replica and emits the request's record.
+    """
 
-class StreamRelay:
-    """An ASGI response that relays SSE events from a replica to the client."""
-
-    __slots__ = (
-        "_events",
-        "_finished",
-        "_first",
-        "_proxy",
-        "_stream",
-        "attempt",
-        "content_events",
-        "ctx",
-        "headers",
-        "spec",
-        "ttft_s",
-        "usage",
-    )
+    __slots__ = ("_events", "_finished", "_first", "_proxy", "_stream", "attempt", "content_events", "ctx", "spec",
+                 "ttft_s", "usage")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, spec: ReplicaSpec, stream: SSEStream,
                  events: AsyncIterator[bytes], first: bytes, attempt: int) -> None:
         self._proxy = proxy
-        self.ctx = ctx
-        self.spec = spec
         self._stream = stream
         self._events = events
-        self._first = first
+        self._first: bytes | None = first
+        self._finished = False
+        self.ctx = ctx
+        self.spec = spec
         self.attempt = attempt
         self.usage: tuple[int, int, int] | None = None
         self.content_events = 0
         self.ttft_s: float | None = proxy._clock.now() - ctx.started
-        self.headers: list[tuple[bytes, bytes]] = [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode())]
-        self._finished = False
 
-    def _done(self, status: str, error: SkyfleetError | None) -> None:
-        if not self._finished:
-            self._finished = True
-            self._stream.close()
-            self._proxy._finish_stream(self, status, error)
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
 
-    def _rewrite(self) -> Callable[[bytes], bytes] | None:
-        upstream, ours = self.spec.upstream_model, self.ctx.model
-        if upstream == ours:
-            return None
-        old, new = b'"model":' + orjson.dumps(upstream), b'"model":' + orjson.dumps(ours)
-        return lambda ev: ev.replace(old, new, 1)
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for ev in self._events:
+            yield ev
 
-    def _is_usage_event(self, ev: bytes) -> bool:
+    def is_usage_event(self, ev: bytes) -> bool:
+        """True for the engine's final usage chunk (``choices: []``); records its usage."""
         if b'"usage"' not in ev or b'"choices":[]' not in ev:
             return False
         try:
-            usage = _usage_of(orjson.loads(ev[6:]))
+            usage = usage_of(orjson.loads(ev[6:]))
         except orjson.JSONDecodeError:
             return False
         if usage is not None:
             self.usage = usage
         return True
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        relay = asyncio.ensure_future(self._relay(send))
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive))
-        try:
-            await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not relay.done():
-                relay.cancel()  # the client went away: stop relaying; closing makes the engine stop too
-            await asyncio.gather(relay, watcher, return_exceptions=True)
-            self._done("cancelled", None)
-
-    @staticmethod
-    async def _watch_disconnect(receive: Any) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    async def _relay(self, send: Any) -> None:
-        rewrite = self._rewrite()
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        ev: bytes | None = self._first
-        error: SkyfleetError | None = None
-        try:
-            while ev is not None:
-                if ev.startswith(_DONE):
-                    await send({"type": "http.response.body", "body": ev + b"\n\n", "more_body": True})
-                elif not self._is_usage_event(ev):
-                    self.content_events += 1
-                    await send({"type": "http.response.body",
-                                "body": (rewrite(ev) if rewrite else ev) + b"\n\n", "more_body": True})
-                elif self.ctx.include_usage:
-                    await send({"type": "http.response.body",
-                                "body": (rewrite(ev) if rewrite else ev) + b"\n\n", "more_body": True})
-                ev = await anext(self._events, None)
-        except SkyfleetError as exc:
-            error = exc
-            await send({"type": "http.response.body", "body": _error_event(exc), "more_body": True})
-        self._done("failed" if error else "completed", error)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def finish(self, status: str, error: SkyfleetError | None = None) -> None:
+        if not self._finished:
+            self._finished = True
+            self._stream.close()
+            self._proxy._finish_stream(self, status, error)

@@ -11,6 +11,7 @@ from skyfleet.api.deps import authenticate, gateway, new_request_id
 from skyfleet.api.openai.schema import ChatCompletionRequest, CompletionRequest
 from skyfleet.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from skyfleet.gateway.context import RequestContext
+from skyfleet.gateway.relay import StreamRelay
 
 
 async def _handle(request: Request, route: str, path: str, schema: type[ChatCompletionRequest | CompletionRequest]):
@@ -37,9 +38,9 @@ async def _handle(request: Request, route: str, path: str, schema: type[ChatComp
         include_usage=include_usage, started=gw.clock.now(), started_wall=gw.clock.wall(),
     )
     if body.stream:
-        return await gw.proxy.stream(ctx, path, payload)
+        return StreamRelay(await gw.proxy.open_stream(ctx, path, payload))
     reply = await gw.proxy.unary(ctx, path, payload)
-    return Response(reply, media_type="application/json", headers={"x-request-id": ctx.request_id})
+    return Response(reply.body, media_type="application/json", headers={"x-request-id": ctx.request_id})
 
 
 async def chat_completions(request: Request):
