@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import threading
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,10 +48,16 @@ def run_until_done(model: SimModel, clock: ManualClock, reqs: list[SimRequest], 
         pending = [r for r in reqs if not r.done]
         if not pending:
             return
-        at = min(a for r in pending if (a := model.next_update_at(r, each_token=False)) is not None)
+        ats = [model.next_update_at(r, each_token=False) for r in pending]
+        # the clock has not moved since the last advance(), so asking must not finish anything
+        assert None not in ats, "a request due by now was left pending by advance()"
+        at = min(a for a in ats if a is not None)
         assert at != math.inf, "a waiting request with nothing running would wait forever"
         clock.advance(max(at - clock.now(), 0.0))
         model.advance()
+        states = [(r.state, r.tokens_out) for r in reqs]
+        model.advance()
+        assert [(r.state, r.tokens_out) for r in reqs] == states, "advance() is not idempotent"
     raise AssertionError("the simulation did not converge")
 
 
@@ -237,7 +244,15 @@ _specs = st.builds(
 )
 
 
+_FINISH_A_HAIR_AFTER_NOW = [
+    _Spec(prompt_tokens=p, max_tokens=m, target=m, delay=d, cancel_previous=False)
+    for p, m, d in [(4, 25, 0.0), (28, 1, 0.0), (36, 15, 0.2), (31, 5, 0.0), (47, 30, 0.0), (21, 8, 0.0),
+                    (7, 2, 0.0), (3, 17, 0.0), (4, 13, 0.0)]
+]  # fmt: skip
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(specs=_FINISH_A_HAIR_AFTER_NOW, capacity=113, max_seqs=2, tpot=0.02, slope=0.0)
 @given(
     specs=st.lists(_specs, min_size=1, max_size=20),
     capacity=st.integers(100, 400),
@@ -274,6 +289,7 @@ def test_model_properties(
                                  target_tokens=target))  # fmt: skip
         stats = model.stats()
         assert stats.kv_used_tokens <= capacity and stats.running <= max_seqs
+        assert stats.waiting == 0 or stats.running > 0, "a queue with nothing running never moves"
     run_until_done(model, clock, reqs)
     admitted = [r.admitted_at for r in reqs if r.admitted_at is not None]
     assert admitted == sorted(admitted), "admission is first in, first out"
@@ -285,6 +301,25 @@ def test_model_properties(
         assert r.tokens_out == r.target_tokens <= r.max_tokens
         assert r.arrived_at <= r.admitted_at <= r.first_token_at <= r.finished_at  # type: ignore[operator]
         assert r.cached_tokens < max(r.prompt_tokens, 1)
+    assert model.stats() == (0, 0, 0, 0.0, len(model.prefix_cache))
+
+
+def test_a_finish_rounded_onto_now_fires_in_the_same_advance() -> None:
+    """Regression: decoding up to ``now`` can round the decode clock onto a finish predicted one
+    ulp after ``now``; ``advance()`` must fire it, not leave it to the next sync at the same time."""
+    profile = SimProfile(
+        ttft_base_s=0.005, prefill_tokens_per_s=2000.0, tpot_base_s=0.02, tpot_batch_slope=0.0,
+        kv_capacity_tokens=113, max_num_seqs=2, block_tokens=4, prefix_cache_blocks=16,
+    )  # fmt: skip
+    clock = ManualClock()
+    model = SimModel(profile, clock)
+    reqs = []
+    for i, spec in enumerate(_FINISH_A_HAIR_AFTER_NOW):
+        clock.advance(spec.delay)
+        reqs.append(model.submit(prompt_of(spec.prompt_tokens, f"{i % 3}"), max_tokens=spec.max_tokens))
+    run_until_done(model, clock, reqs)
+    last = reqs[-1]
+    assert last.state is RequestState.FINISHED and last.finished_at == clock.now()
     assert model.stats() == (0, 0, 0, 0.0, len(model.prefix_cache))
 
 
@@ -551,6 +586,35 @@ def test_metrics_parse_and_move(which: str, request: pytest.FixtureRequest) -> N
         ttft = "vllm:time_to_first_token_seconds_count"
         assert _value(after, ttft) == _value(before, ttft) + 1
         assert _value(after, "vllm:inter_token_latency_seconds_count") >= 4
+
+
+def test_queued_requests_all_complete_on_a_small_replica() -> None:
+    """Requests queued for KV space or a sequence slot are admitted as others finish, none hangs."""
+    profile = SimProfile(
+        ttft_base_s=0.002, prefill_tokens_per_s=50_000.0, tpot_base_s=0.001, tpot_batch_slope=0.3,
+        kv_capacity_tokens=120, max_num_seqs=2, block_tokens=4, ignore_eos=True,
+    )  # fmt: skip
+    with contextlib.contextmanager(_serve)(build_app(profile, model=MODEL)) as server:
+        sizes = [(20, 25), (30, 1), (40, 15), (30, 5), (45, 30), (20, 8), (8, 2), (4, 17), (4, 13)]
+
+        statuses: dict[int, int] = {}
+
+        def one(i: int) -> None:
+            body = {"model": MODEL, "prompt": prompt_of(sizes[i][0], f"q{i}"), "max_tokens": sizes[i][1],
+                    "stream": i % 2 == 0}  # fmt: skip
+            statuses[i] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=10).status_code
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(sizes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+            assert not t.is_alive(), "a queued request never finished"
+        assert statuses == dict.fromkeys(range(len(sizes)), 200)
+        after = _metrics(server)
+        assert _value(after, "vllm:request_success_total", finished_reason="length") == len(sizes)
+        assert _value(after, "vllm:num_requests_running") == _value(after, "vllm:num_requests_waiting") == 0
+        assert _value(after, "vllm:kv_cache_usage_perc") == 0
 
 
 def test_disconnect_frees_the_slot(timed: Server) -> None:
