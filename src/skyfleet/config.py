@@ -54,6 +54,11 @@ class LocalEngineSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface replicas listen on.")
     start_timeout_s: float = Field(60.0, gt=0, description="How long a replica may take to become healthy.")
     restart_backoff_max_s: float = Field(10.0, gt=0, description="Upper bound of the restart backoff.")
+    save_kv_every_turn: bool = Field(
+        False,
+        description="Save each session's llama.cpp slot after every turn (KV survives a replica crash; costs "
+        "disk I/O: about 23 KB per cached token for SmolLM2-135M). Slots are always saved on eviction.",
+    )
 
     @property
     def ctx_per_slot(self) -> int:

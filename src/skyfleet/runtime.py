@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from skyfleet.clock import Clock, SystemClock
 from skyfleet.config import Settings
+from skyfleet.engines.kvstate import KvRouter, LlamaSlots
 from skyfleet.fleet.health import HealthChecker
 from skyfleet.fleet.providers.local import LocalProvider
 from skyfleet.fleet.providers.static import register_static
@@ -54,8 +55,15 @@ class Gateway:
         )
         metrics = GatewayMetrics(registry, max_tenants=settings.metrics_max_tenants)
         auth = Authenticator(store.keys, clock, ttl_s=settings.auth_cache_ttl_s, admin_key=settings.admin_key)
+        kv = KvRouter({
+            "llama": LlamaSlots(upstream, settings.data_dir.resolve() / "slots", clock,
+                                slots_per_replica=settings.local.slots,
+                                save_every_turn=settings.local.save_kv_every_turn),
+        })
+        registry.on_stopped.append(kv.replica_gone)
         proxy = Proxy(
-            registry=registry, policy=LeastOutstandingRequests(), upstream=upstream, clock=clock, observer=metrics
+            registry=registry, policy=LeastOutstandingRequests(), upstream=upstream, clock=clock, observer=metrics,
+            kv=kv,
         )
         local = (
             LocalProvider(settings.local, registry, settings.data_dir.resolve())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from skyfleet.fleet.replica import ReplicaSpec, ReplicaState
@@ -35,6 +36,8 @@ class ReplicaRegistry:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _seq: int = 0
     _models: list[str] | None = None  # cached; membership changes reset it
+    #: called with the replica id when a replica stops (its process, and any state in it, is gone)
+    on_stopped: list[Callable[[str], None]] = field(default_factory=list)
 
     # -- membership -------------------------------------------------------------------------
     def add(self, spec: ReplicaSpec, *, capacity: int = 1, state: ReplicaState = ReplicaState.STARTING) -> ReplicaEntry:
@@ -59,6 +62,9 @@ class ReplicaRegistry:
         entry.state = state
         if error is not None:
             entry.last_error = error
+        if state == ReplicaState.STOPPED:
+            for callback in self.on_stopped:
+                callback(replica_id)
         if state == ReplicaState.READY:
             entry.consecutive_failures = 0
         self._notify()

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from skyfleet.clock import Clock
+from skyfleet.engines.kvstate import NO_LEASE, KvLease, KvRouter
 from skyfleet.errors import NoReplicaAvailableError, SkyfleetError, UpstreamError, from_upstream
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec
@@ -56,12 +57,14 @@ class Proxy:
         upstream: UpstreamClient,
         clock: Clock,
         observer: RequestObserver,
+        kv: KvRouter | None = None,
     ) -> None:
         self._registry = registry
         self._policy = policy
         self._upstream = upstream
         self._clock = clock
         self._observer = observer
+        self._kv = kv or KvRouter({})
 
     # -- shared -----------------------------------------------------------------------------
     def _pick(self, ctx: RequestContext, exclude: frozenset[str]) -> ReplicaSpec | None:
@@ -83,9 +86,12 @@ class Proxy:
         return NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
 
     @staticmethod
-    def _body_for(spec: ReplicaSpec, payload: dict[str, Any]) -> bytes:
+    def _body_for(spec: ReplicaSpec, payload: dict[str, Any], lease: KvLease) -> bytes:
         payload["model"] = spec.upstream_model
-        return orjson.dumps(payload)
+        return orjson.dumps({**payload, **lease.fields} if lease.fields else payload)
+
+    async def _lease(self, ctx: RequestContext, spec: ReplicaSpec) -> KvLease:
+        return await self._kv.acquire(spec, ctx.principal.tenant_id, ctx.session_key)
 
     # -- non-streaming ----------------------------------------------------------------------
     async def unary(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UnaryReply:
@@ -96,8 +102,11 @@ class Proxy:
             if spec is None:
                 break
             self._registry.acquire(spec.id)
+            lease, ok = NO_LEASE, False
             try:
-                reply = await self._upstream.post_json(spec, path, self._body_for(spec, payload))
+                lease = await self._lease(ctx, spec)
+                reply = await self._upstream.post_json(spec, path, self._body_for(spec, payload, lease))
+                ok = reply.status < 400
             except UpstreamError as exc:
                 if not exc.retryable:
                     self.record(ctx, status="failed", http_status=exc.status, replica_id=spec.id,
@@ -108,6 +117,7 @@ class Proxy:
                 continue
             finally:
                 self._registry.release(spec.id)
+                lease.release(ok)
             if reply.status >= 500:
                 exclude, last = exclude | {spec.id}, from_upstream(reply.status, reply.body)
                 continue
@@ -143,14 +153,17 @@ class Proxy:
             if spec is None:
                 break
             self._registry.acquire(spec.id)
+            lease = NO_LEASE
             opened: SSEStream | None = None
             try:
-                reply = await self._upstream.open_stream(spec, path, self._body_for(spec, payload))
+                lease = await self._lease(ctx, spec)
+                reply = await self._upstream.open_stream(spec, path, self._body_for(spec, payload, lease))
                 if not isinstance(reply, SSEStream):
                     err = from_upstream(reply.status, reply.body)
                     if reply.status >= 500:
                         raise UpstreamError(err.message)  # retry elsewhere, replica stays in routing
                     self._registry.release(spec.id)
+                    lease.release(False)
                     self.record(ctx, status="failed", http_status=err.status, replica_id=spec.id,
                                 error_code=err.code, attempts=attempt)
                     raise err
@@ -161,6 +174,7 @@ class Proxy:
                     raise UpstreamError("the engine closed the stream before its first event")
             except UpstreamError as exc:
                 self._registry.release(spec.id)
+                lease.release(False)
                 if opened is not None:
                     opened.close()
                     self._registry.mark_failed(spec.id, exc.message)
@@ -170,15 +184,17 @@ class Proxy:
                 continue
             except BaseException:
                 self._registry.release(spec.id)
+                lease.release(False)
                 if opened is not None:
                     opened.close()
                 raise
-            return UpstreamStream(self, ctx, spec, opened, events, first, attempt)
+            return UpstreamStream(self, ctx, spec, opened, events, first, attempt, lease)
         self.record(ctx, status="failed", http_status=last.status, error_code=last.code, attempts=len(exclude) or 1)
         raise last
 
     def _finish_stream(self, s: UpstreamStream, status: str, error: SkyfleetError | None) -> None:
         self._registry.release(s.spec.id)
+        s.lease.release(status == "completed")
         # Without the engine's usage chunk (the client left early) count the content events:
         # engines send one event per generated token.
         p, c, k = s.usage if s.usage is not None else (0, s.content_events, 0)
@@ -194,11 +210,12 @@ class UpstreamStream:
     releases the replica and emits the request's record.
     """
 
-    __slots__ = ("_events", "_finished", "_first", "_proxy", "_stream", "attempt", "content_events", "ctx", "spec",
-                 "ttft_s", "usage")
+    __slots__ = ("_events", "_finished", "_first", "_proxy", "_stream", "attempt", "content_events", "ctx", "lease",
+                 "spec", "ttft_s", "usage")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, spec: ReplicaSpec, stream: SSEStream,
-                 events: AsyncIterator[bytes], first: bytes, attempt: int) -> None:
+                 events: AsyncIterator[bytes], first: bytes, attempt: int, lease: KvLease) -> None:
+        self.lease = lease
         self._proxy = proxy
         self._stream = stream
         self._events = events

@@ -125,6 +125,18 @@ class UpstreamClient:
             return UpstreamReply(r.status, data)
         return SSEStream(r)
 
+    async def slot_action(self, spec: ReplicaSpec, slot: int, action: str, filename: str | None = None) -> bool:
+        """llama.cpp ``POST /slots/{id}?action=save|restore|erase``; False if it did not happen."""
+        body = {"filename": filename} if filename else {}
+        try:
+            async with self.session.post(f"{spec.base_url}/slots/{slot}", params={"action": action}, json=body,
+                                         headers=self._headers(spec, _JSON),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as r:
+                await r.read()
+                return r.status == 200
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            return False
+
     async def get_text(self, url: str, timeout_s: float) -> tuple[int, str]:
         """Small GETs for health checks and metrics scrapes."""
         try:

@@ -33,9 +33,14 @@ async def _handle(request: Request, route: str, path: str, schema: type[ChatComp
             f"This model's maximum context length is {window} tokens; {param}={budget} leaves no room "
             "for the prompt. Lower it.", param=param)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # A session id gives stateless clients affinity: their turns return to the replica that
+    # holds their KV cache. It only steers routing; the tenant still comes from the key.
+    session = request.headers.get("x-session-id") or body.user
+    if session is not None and len(session) > 256:
+        raise InvalidRequestError("X-Session-Id must be at most 256 characters.", param="X-Session-Id")
     ctx = RequestContext(
         request_id=new_request_id(request), principal=principal, route=route, model=body.model, stream=body.stream,
-        include_usage=include_usage, started=gw.clock.now(), started_wall=gw.clock.wall(),
+        include_usage=include_usage, started=gw.clock.now(), started_wall=gw.clock.wall(), session_key=session,
     )
     if body.stream:
         return StreamRelay(await gw.proxy.open_stream(ctx, path, payload))

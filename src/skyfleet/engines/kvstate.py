@@ -1,0 +1,205 @@
+"""KV state that follows a session: the seam, and llama.cpp's implementation with ``/slots``.
+
+A :class:`KvState` is asked, for every request sent to a replica, to prepare that replica for
+the request's (tenant, session) and to say which extra body fields pin the request to its state.
+
+:class:`LlamaSlots` treats each llama.cpp slot as owned by one (tenant, session):
+
+* a session that comes back to the replica holding its slot is pinned to it (``id_slot``): its
+  prefix is still cached;
+* a slot taken from another session is first saved to the shared slot directory, so that
+  session can be restored later, here or on another replica, instead of re-prefilled;
+* a session that arrives with a saved file (it was evicted, or moved because its replica
+  scaled down or was preempted) is restored into its new slot;
+* a slot handed to a different tenant is erased first, so no tenant's prompt ever reuses
+  another tenant's cached prefix (no cache-timing side channel between tenants);
+* when every slot is busy the request is not pinned and runs with ``cache_prompt: false``.
+
+vLLM/SGLang manage their prefix caches themselves (and LMCache-style offload would implement this
+protocol by mapping sessions to its storage keys); for them :class:`NoKvState` adds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from skyfleet.clock import Clock
+from skyfleet.fleet.replica import ReplicaSpec
+from skyfleet.gateway.upstream import UpstreamClient
+
+log = logging.getLogger("skyfleet.kvstate")
+
+Owner = tuple[str, str | None]  # (tenant_id, session key or None for anonymous requests)
+
+
+@dataclass(frozen=True, slots=True)
+class KvLease:
+    fields: dict[str, Any]  # merged into the request body sent to the replica
+    release: Callable[[bool], None]  # call once when the request is over (True: it succeeded)
+
+
+def _noop(ok: bool) -> None:
+    return None
+
+
+NO_LEASE = KvLease({}, _noop)
+
+
+class KvState(Protocol):
+    async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease: ...
+    def replica_gone(self, replica_id: str) -> None: ...
+    async def evacuate(self, spec: ReplicaSpec) -> int: ...
+
+
+class NoKvState:
+    async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
+        return NO_LEASE
+
+    def replica_gone(self, replica_id: str) -> None:
+        return None
+
+    async def evacuate(self, spec: ReplicaSpec) -> int:
+        return 0
+
+
+@dataclass(slots=True)
+class _Slot:
+    owner: Owner | None = None
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class _Replica:
+    slots: list[_Slot]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def slot_file(tenant_id: str, session: str) -> str:
+    """File name of a session's saved slot: tenant id (for deletion) + a hash of the session."""
+    digest = hashlib.sha256(f"{tenant_id}\x00{session}".encode()).hexdigest()[:40]
+    return f"{tenant_id}-{digest}.bin"
+
+
+class LlamaSlots:
+    def __init__(self, upstream: UpstreamClient, slot_dir: Path, clock: Clock, *, slots_per_replica: int,
+                 save_every_turn: bool = False) -> None:
+        self._upstream = upstream
+        self._dir = slot_dir
+        self._clock = clock
+        self._n = slots_per_replica
+        self._save_every_turn = save_every_turn
+        self._replicas: dict[str, _Replica] = {}
+        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "unpinned": 0}
+
+    def _table(self, replica_id: str) -> _Replica:
+        rep = self._replicas.get(replica_id)
+        if rep is None:
+            rep = self._replicas[replica_id] = _Replica([_Slot() for _ in range(self._n)])
+        return rep
+
+    async def _action(self, spec: ReplicaSpec, idx: int, action: str, filename: str | None = None) -> bool:
+        ok = await self._upstream.slot_action(spec, idx, action, filename)
+        if ok:
+            self.stats["saved" if action == "save" else "restored" if action == "restore" else "erased"] += 1
+        return ok
+
+    def _pick(self, slots: list[_Slot], owner: Owner) -> int | None:
+        free = [i for i, s in enumerate(slots) if not s.busy]
+        if not free:
+            return None
+        if owner[1] is not None:
+            for i in free:
+                if slots[i].owner == owner:
+                    return i
+        # Then an empty slot, then one of the same tenant, then the least recently used.
+        return min(free, key=lambda i: (slots[i].owner is not None,
+                                        slots[i].owner is None or slots[i].owner[0] != owner[0],  # type: ignore[index]
+                                        slots[i].last_used))
+
+    async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
+        owner: Owner = (tenant_id, session)
+        rep = self._table(spec.id)
+        async with rep.lock:
+            idx = self._pick(rep.slots, owner)
+            if idx is None:
+                self.stats["unpinned"] += 1
+                return KvLease({"cache_prompt": False}, _noop)
+            slot = rep.slots[idx]
+            if slot.owner != owner:
+                await self._hand_over(spec, idx, slot, owner)
+            slot.owner, slot.busy = owner, True
+        self.stats["pinned"] += 1
+        return KvLease({"id_slot": idx}, lambda ok: self._release(spec, rep, idx, slot, ok))
+
+    async def _hand_over(self, spec: ReplicaSpec, idx: int, slot: _Slot, owner: Owner) -> None:
+        previous = slot.owner
+        if previous is not None and previous[1] is not None:
+            await self._action(spec, idx, "save", slot_file(*previous))  # type: ignore[arg-type]
+        restored = False
+        if owner[1] is not None:
+            name = slot_file(owner[0], owner[1])
+            if await asyncio.to_thread((self._dir / name).exists):
+                restored = await self._action(spec, idx, "restore", name)
+        if not restored and previous is not None and previous[0] != owner[0]:
+            await self._action(spec, idx, "erase")
+
+    def _release(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot, ok: bool) -> None:
+        slot.last_used = self._clock.now()
+        if ok and self._save_every_turn and slot.owner is not None and slot.owner[1] is not None:
+            asyncio.get_running_loop().create_task(self._save_then_free(spec, rep, idx, slot))
+            return
+        if not ok and slot.owner is not None:
+            slot.owner = (slot.owner[0], None)  # state unknown after a failure: keep only the tenant
+        slot.busy = False
+
+    async def _save_then_free(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot) -> None:
+        try:
+            async with rep.lock:
+                if slot.owner is not None and slot.owner[1] is not None:
+                    await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
+        finally:
+            slot.busy = False
+
+    def replica_gone(self, replica_id: str) -> None:
+        """A replica died or restarted: its slots are empty now (saved files remain)."""
+        self._replicas.pop(replica_id, None)
+
+    async def evacuate(self, spec: ReplicaSpec) -> int:
+        """Save every idle session slot (before a scale-down, a preemption or a shutdown)."""
+        rep = self._replicas.get(spec.id)
+        if rep is None:
+            return 0
+        saved = 0
+        async with rep.lock:
+            for idx, slot in enumerate(rep.slots):
+                if not slot.busy and slot.owner is not None and slot.owner[1] is not None:
+                    saved += await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
+        return saved
+
+
+class KvRouter:
+    """Dispatch to the KV-state implementation of each replica's engine."""
+
+    def __init__(self, by_engine: dict[str, KvState]) -> None:
+        self._by_engine = by_engine
+        self._none = NoKvState()
+
+    def _for(self, spec: ReplicaSpec) -> KvState:
+        return self._by_engine.get(spec.engine, self._none)
+
+    async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
+        return await self._for(spec).acquire(spec, tenant_id, session)
+
+    def replica_gone(self, replica_id: str) -> None:
+        for kv in self._by_engine.values():
+            kv.replica_gone(replica_id)
+
+    async def evacuate(self, spec: ReplicaSpec) -> int:
+        return await self._for(spec).evacuate(spec)
