@@ -110,18 +110,26 @@ class LlamaSlots:
             self.stats["saved" if action == "save" else "restored" if action == "restore" else "erased"] += 1
         return ok
 
-    def _pick(self, slots: list[_Slot], owner: Owner) -> int | None:
+    @staticmethod
+    def _pick(slots: list[_Slot], owner: Owner) -> int | None:
+        """The slot for ``owner``: its own (most recently used first), then an empty one, then one of
+        the same tenant, then the least recently used; None when all are busy."""
         free = [i for i, s in enumerate(slots) if not s.busy]
         if not free:
             return None
-        if owner[1] is not None:
-            for i in free:
-                if slots[i].owner == owner:
-                    return i
-        # Then an empty slot, then one of the same tenant, then the least recently used.
-        return min(free, key=lambda i: (slots[i].owner is not None,
-                                        slots[i].owner is None or slots[i].owner[0] != owner[0],  # type: ignore[index]
-                                        slots[i].last_used))
+        tenant = owner[0]
+
+        def rank(i: int) -> tuple[int, float]:
+            o = slots[i].owner
+            if o == owner:
+                return 0, -slots[i].last_used
+            if o is None:
+                return 1, 0.0
+            if o[0] == tenant:
+                return 2, slots[i].last_used
+            return 3, slots[i].last_used
+
+        return min(free, key=rank)
 
     async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
         owner: Owner = (tenant_id, session)
