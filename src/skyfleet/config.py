@@ -65,6 +65,21 @@ class LocalEngineSettings(BaseModel):
         return self.ctx_size // self.slots
 
 
+class RoutingSettings(BaseModel):
+    """How the gateway picks a replica for each request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: Literal["affinity", "least-load", "round-robin"] = Field(
+        "affinity",
+        description="affinity: sessions return to the replica holding their KV cache (consistent hashing "
+        "with bounded loads), other requests go to the least loaded replica; least-load; round-robin.",
+    )
+    load_factor: float = Field(
+        1.25, ge=1.0, le=10.0, description="Affinity: a replica takes a session only below this x mean load."
+    )
+
+
 class StaticReplica(BaseModel):
     """An engine skyfleet does not start (e.g. a vLLM server on a GPU host)."""
 
@@ -104,6 +119,7 @@ class Settings(BaseSettings):
     bootstrap: bool = Field(True, description="On first start, create a `default` tenant and print its keys.")
     local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
     static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream total timeout per request.")

@@ -21,7 +21,7 @@ from skyfleet.gateway.auth import Authenticator
 from skyfleet.gateway.proxy import Proxy
 from skyfleet.gateway.upstream import UpstreamClient
 from skyfleet.observability.metrics import GatewayMetrics
-from skyfleet.routing.least_load import LeastOutstandingRequests
+from skyfleet.routing import make_policy
 from skyfleet.state.repositories import Store
 
 log = logging.getLogger("skyfleet.gateway")
@@ -62,7 +62,7 @@ class Gateway:
         })
         registry.on_stopped.append(kv.replica_gone)
         proxy = Proxy(
-            registry=registry, policy=LeastOutstandingRequests(), upstream=upstream, clock=clock, observer=metrics,
+            registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock, observer=metrics,
             kv=kv,
         )
         local = (

@@ -56,3 +56,20 @@ def test_ties_rotate_with_seq() -> None:
 def test_capacity_weighting() -> None:
     reps = (ReplicaLoad("small", outstanding=1, capacity=1), ReplicaLoad("big", outstanding=3, capacity=4))
     assert policy.choose(RoutingSnapshot(now=0, replicas=reps), _req()) == "big"
+
+
+def test_round_robin_cycles_over_sorted_candidates_and_honours_exclude() -> None:
+    from skyfleet.routing import RoundRobin
+
+    reps = tuple(ReplicaLoad(replica_id=i, outstanding=9 if i == "b" else 0) for i in ("c", "a", "b"))
+    rr = RoundRobin()
+    assert [rr.choose(RoutingSnapshot(now=0, replicas=reps, seq=s), _req()) for s in range(4)] == ["a", "b", "c", "a"]
+    assert rr.choose(RoutingSnapshot(now=0, replicas=reps, seq=1), _req(frozenset({"a", "b", "c"}))) is None
+
+
+def test_make_policy() -> None:
+    from skyfleet.routing import RoundRobin, SessionAffinity, make_policy
+
+    assert isinstance(make_policy("affinity", 1.25), SessionAffinity)
+    assert isinstance(make_policy("least-load", 1.25), LeastOutstandingRequests)
+    assert isinstance(make_policy("round-robin", 1.25), RoundRobin)
