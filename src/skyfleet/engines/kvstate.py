@@ -13,7 +13,9 @@ the request's (tenant, session) and to say which extra body fields pin the reque
   scaled down or was preempted) is restored into its new slot;
 * a slot handed to a different tenant is erased first, so no tenant's prompt ever reuses
   another tenant's cached prefix (no cache-timing side channel between tenants);
-* when every slot is busy the request is not pinned and runs with ``cache_prompt: false``.
+* every request to a llama.cpp replica is pinned: when all its slots are busy the request
+  waits here for one (llama.cpp would queue it anyway), so the slot table always matches what
+  each slot really holds.
 
 vLLM/SGLang manage their prefix caches themselves (and LMCache-style offload would implement this
 protocol by mapping sessions to its storage keys); for them :class:`NoKvState` adds nothing.
@@ -25,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,10 +77,16 @@ class _Slot:
     last_used: float = 0.0
 
 
-@dataclass(slots=True)
 class _Replica:
-    slots: list[_Slot]
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """A replica's slot table. ``freed`` shares ``lock``: checking for a free slot and starting to
+    wait for one are atomic, so no release can slip in between (no lost wake-ups)."""
+
+    __slots__ = ("freed", "lock", "slots")
+
+    def __init__(self, n: int) -> None:
+        self.slots = [_Slot() for _ in range(n)]
+        self.lock = asyncio.Lock()
+        self.freed = asyncio.Condition(self.lock)
 
 
 def slot_file(tenant_id: str, session: str) -> str:
@@ -96,12 +104,12 @@ class LlamaSlots:
         self._n = slots_per_replica
         self._save_every_turn = save_every_turn
         self._replicas: dict[str, _Replica] = {}
-        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "unpinned": 0}
+        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "waited": 0}
 
     def _table(self, replica_id: str) -> _Replica:
         rep = self._replicas.get(replica_id)
         if rep is None:
-            rep = self._replicas[replica_id] = _Replica([_Slot() for _ in range(self._n)])
+            rep = self._replicas[replica_id] = _Replica(self._n)
         return rep
 
     async def _action(self, spec: ReplicaSpec, idx: int, action: str, filename: str | None = None) -> bool:
@@ -134,17 +142,30 @@ class LlamaSlots:
     async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
         owner: Owner = (tenant_id, session)
         rep = self._table(spec.id)
-        async with rep.lock:
-            idx = self._pick(rep.slots, owner)
-            if idx is None:
-                self.stats["unpinned"] += 1
-                return KvLease({"cache_prompt": False}, _noop)
+        async with rep.freed:  # holds rep.lock
+            while (idx := self._pick(rep.slots, owner)) is None:
+                self.stats["waited"] += 1
+                await rep.freed.wait()
             slot = rep.slots[idx]
-            if slot.owner != owner:
-                await self._hand_over(spec, idx, slot, owner)
-            slot.owner, slot.busy = owner, True
+            slot.busy = True
+            try:
+                if slot.owner != owner:
+                    await self._hand_over(spec, idx, slot, owner)
+            except BaseException:
+                slot.busy = False
+                rep.freed.notify(1)
+                raise
+            slot.owner = owner
         self.stats["pinned"] += 1
         return KvLease({"id_slot": idx}, lambda ok: self._release(spec, rep, idx, slot, ok))
+
+    @staticmethod
+    def _notify_freed(rep: _Replica) -> None:
+        async def notify() -> None:
+            async with rep.freed:
+                rep.freed.notify(1)
+
+        asyncio.get_running_loop().create_task(notify())
 
     async def _hand_over(self, spec: ReplicaSpec, idx: int, slot: _Slot, owner: Owner) -> None:
         previous = slot.owner
@@ -166,6 +187,7 @@ class LlamaSlots:
         if not ok and slot.owner is not None:
             slot.owner = (slot.owner[0], None)  # state unknown after a failure: keep only the tenant
         slot.busy = False
+        self._notify_freed(rep)
 
     async def _save_then_free(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot) -> None:
         try:
@@ -174,10 +196,17 @@ class LlamaSlots:
                     await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
         finally:
             slot.busy = False
+            self._notify_freed(rep)
 
     def replica_gone(self, replica_id: str) -> None:
-        """A replica died or restarted: its slots are empty now (saved files remain)."""
-        self._replicas.pop(replica_id, None)
+        """A replica died or restarted: its slots are empty now (saved files remain).
+
+        Requests waiting for one of its slots are woken; the proxy's retry sends them elsewhere
+        once they fail to reach the replica."""
+        rep = self._replicas.pop(replica_id, None)
+        if rep is not None:
+            for _ in rep.slots:
+                self._notify_freed(rep)
 
     async def evacuate(self, spec: ReplicaSpec) -> int:
         """Save every idle session slot (before a scale-down, a preemption or a shutdown)."""
