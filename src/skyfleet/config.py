@@ -120,6 +120,14 @@ class Settings(BaseSettings):
     local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
     static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    key_file: Path | None = Field(
+        None,
+        description="Master key file of the local key provider (created 0600 on first start); per-tenant "
+        "wrapping secrets live beside it. Default: <data_dir>/keys/master.key. Back it up apart from the database.",
+    )
+    retention_sweep_interval_s: float = Field(
+        600.0, gt=0, description="How often expired conversations and responses (tenant retention) are deleted."
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream total timeout per request.")
@@ -136,6 +144,10 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "skyfleet.db"
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file or self.data_dir / "keys" / "master.key"
 
     @property
     def database_url_value(self) -> str:

@@ -7,6 +7,9 @@ Every error is rendered in the OpenAI shape::
 The tree (HTTP status, OpenAI ``type``, ``code``)::
 
     SkyfleetError                              500 server_error
+    ├── StoredDataUnreadableError              500  code=stored_data_unreadable
+    │       (a stored record failed to decrypt: tampered, or its tenant's key was shredded;
+    │        ``crypto.DecryptionError`` is mapped to it at the API boundary)
     ├── InvalidRequestError                    400 invalid_request_error
     │   ├── InvalidJSONError                   400  code=invalid_json
     │   ├── ContextLengthExceededError         400  code=context_length_exceeded
@@ -33,7 +36,8 @@ Lower-layer errors never cross a boundary unmapped:
 * engine (HTTP) errors are mapped by :func:`from_upstream` (an engine's 4xx stays a 4xx
   of ours with the engine's message, its 5xx becomes :class:`UpstreamError`);
 * transport errors (aiohttp) are mapped in ``gateway.upstream``;
-* store errors (SQLAlchemy) are mapped in ``state.repositories``.
+* store errors (SQLAlchemy) are mapped in ``state.repositories``;
+* crypto errors (one opaque ``DecryptionError``) are mapped in ``api.app``.
 
 Messages never contain keys, tokens, prompts or completions.
 """
@@ -72,6 +76,13 @@ class SkyfleetError(Exception):
 
     def body_bytes(self) -> bytes:
         return orjson.dumps(self.body())
+
+
+class StoredDataUnreadableError(SkyfleetError):
+    code = "stored_data_unreadable"
+
+    def __init__(self) -> None:
+        super().__init__("A stored record could not be read.")
 
 
 class InvalidRequestError(SkyfleetError):

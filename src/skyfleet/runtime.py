@@ -9,10 +9,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from skyfleet.clock import Clock, SystemClock
 from skyfleet.config import Settings
+from skyfleet.crypto import LocalKeyProvider
 from skyfleet.engines.kvstate import KvRouter, LlamaSlots
+from skyfleet.errors import SkyfleetError
 from skyfleet.fleet.health import HealthChecker
 from skyfleet.fleet.providers.local import LocalProvider
 from skyfleet.fleet.providers.static import register_static
@@ -22,6 +25,7 @@ from skyfleet.gateway.proxy import Proxy
 from skyfleet.gateway.upstream import UpstreamClient
 from skyfleet.observability.metrics import GatewayMetrics
 from skyfleet.routing import make_policy
+from skyfleet.state.conversations import sweep_expired, tenant_retention
 from skyfleet.state.repositories import Store
 
 log = logging.getLogger("skyfleet.gateway")
@@ -46,7 +50,8 @@ class Gateway:
     async def create(cls, settings: Settings, clock: Clock | None = None) -> Gateway:
         clock = clock or SystemClock()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.database_url_value)
+        provider = await asyncio.to_thread(LocalKeyProvider.open, settings.key_path)
+        store = await Store.open(settings.database_url_value, key_provider=provider, clock=clock)
         registry = ReplicaRegistry()
         upstream = UpstreamClient(
             connect_timeout_s=settings.connect_timeout_s,
@@ -81,7 +86,20 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self.auth.watch_revocations(self.settings.revocation_poll_s), name="revocations"),
+            asyncio.create_task(self._sweep_retention(), name="retention"),
         ]
+
+    async def _sweep_retention(self) -> None:
+        """Delete conversations and responses past their tenant's retention, periodically."""
+        while True:
+            try:
+                retention = await tenant_retention(self.store.engine)
+                deleted = await sweep_expired(self.store.engine, now=datetime.now(UTC), retention=retention)
+                if deleted:
+                    log.info("retention sweep", extra={"deleted": deleted})
+            except SkyfleetError as exc:
+                log.warning("retention sweep failed", extra={"error_code": exc.code})
+            await asyncio.sleep(self.settings.retention_sweep_interval_s)
 
     def stop_accepting(self) -> None:
         self.accepting = False

@@ -18,6 +18,8 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from skyfleet.clock import ManualClock
+from skyfleet.crypto import LocalKeyProvider
 from skyfleet.state import Store
 
 PG_ADMIN_URL = os.environ.get(
@@ -86,3 +88,42 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+# -- the encrypted conversation/response store --
+
+
+@pytest.fixture
+def key_path(tmp_path: Path) -> Path:
+    """Where the local key provider keeps its key file (and ``<name>.tenants/`` beside it)."""
+    return tmp_path / "keys" / "kek.key"
+
+
+@pytest.fixture
+def key_provider(key_path: Path) -> LocalKeyProvider:
+    return LocalKeyProvider.open(key_path)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def secure_store(
+    db_url: str, key_provider: LocalKeyProvider, clock: ManualClock
+) -> AsyncIterator[Store]:
+    """A migrated store with conversations, responses and a keyring, on each backend."""
+    opened = await Store.open(db_url, key_provider=key_provider, clock=clock)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def tenant_ids(secure_store: Store) -> tuple[str, str]:
+    """Two tenants: (acme, globex)."""
+    first = await secure_store.tenants.create("acme")
+    second = await secure_store.tenants.create("globex")
+    return first.id, second.id

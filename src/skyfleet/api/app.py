@@ -14,13 +14,17 @@ from starlette.responses import Response
 
 from skyfleet.api import health
 from skyfleet.api.admin import routes as admin
+from skyfleet.api.conversations import router as conversations
 from skyfleet.api.deps import RequestIds
 from skyfleet.api.openai import inference, models
+from skyfleet.api.responses import router as responses
+from skyfleet.crypto import DecryptionError
 from skyfleet.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     RouteNotFoundError,
     SkyfleetError,
+    StoredDataUnreadableError,
 )
 from skyfleet.runtime import Gateway
 
@@ -47,6 +51,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequestError(str(exc.detail)[:200]))
 
 
+async def _undecryptable(request: Request, exc: Exception) -> Response:
+    log.error("stored record failed to decrypt", extra={"path": request.url.path})
+    return error_response(StoredDataUnreadableError())
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Log the type only: exception messages can carry request data.
     log.error("unexpected error", extra={"path": request.url.path, "error_type": type(exc).__name__},
@@ -68,8 +77,10 @@ def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
                 await gw.stop()
 
     app = Starlette(
-        routes=[*inference.routes, *models.routes, *health.routes, *admin.routes],
-        exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error, Exception: _unexpected},
+        routes=[*inference.routes, *models.routes, *responses.routes, *conversations.routes, *health.routes,
+                *admin.routes],
+        exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error,
+                            DecryptionError: _undecryptable, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.state.gateway = gw

@@ -46,11 +46,20 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str | None:
+    """The field path of a validation error, without pydantic's union-member tags (``input.str``)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or any(c in p for c in "[-:(")))]
+    return ".".join(parts) or None
+
+
 def validate(model: type[M], data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_input=False, include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"]) or None
+        loc = _field_path(err["loc"])
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise InvalidRequestError(f"Invalid value for '{loc}': {err['msg']}{more}", param=loc) from None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from skyfleet.cli import engine, keys, tenants
+from skyfleet.cli import engine, keys, sessions, tenants
 from skyfleet.cli.common import ConfigOption
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(keys.app, name="keys")
+app.add_typer(sessions.app, name="sessions")
 app.add_typer(engine.app, name="engine")
 
 

@@ -31,12 +31,18 @@ def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]], *, with_keys: bool = False) -> T:
+    """Open the store (with the encryption keys when ``with_keys``), run ``fn``, close it."""
     from skyfleet.state.repositories import Store
 
     async def go() -> T:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.database_url_value)
+        provider = None
+        if with_keys:
+            from skyfleet.crypto import LocalKeyProvider
+
+            provider = await asyncio.to_thread(LocalKeyProvider.open, settings.key_path)
+        store = await Store.open(settings.database_url_value, key_provider=provider)
         try:
             return await fn(store)
         finally:

@@ -104,7 +104,8 @@ class LlamaSlots:
         self._n = slots_per_replica
         self._save_every_turn = save_every_turn
         self._replicas: dict[str, _Replica] = {}
-        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "waited": 0}
+        self._saving: dict[str, asyncio.Future[None]] = {}  # slot files being written right now
+        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "waited": 0, "action_s": 0.0}
 
     def _table(self, replica_id: str) -> _Replica:
         rep = self._replicas.get(replica_id)
@@ -113,7 +114,9 @@ class LlamaSlots:
         return rep
 
     async def _action(self, spec: ReplicaSpec, idx: int, action: str, filename: str | None = None) -> bool:
+        started = self._clock.now()
         ok = await self._upstream.slot_action(spec, idx, action, filename)
+        self.stats["action_s"] += self._clock.now() - started
         if ok:
             self.stats["saved" if action == "save" else "restored" if action == "restore" else "erased"] += 1
         return ok
@@ -142,22 +145,46 @@ class LlamaSlots:
     async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
         owner: Owner = (tenant_id, session)
         rep = self._table(spec.id)
-        async with rep.freed:  # holds rep.lock
+        async with rep.freed:  # the table lock: held for bookkeeping only, never across I/O
             while (idx := self._pick(rep.slots, owner)) is None:
                 self.stats["waited"] += 1
                 await rep.freed.wait()
             slot = rep.slots[idx]
-            slot.busy = True
-            try:
-                if slot.owner != owner:
-                    await self._hand_over(spec, idx, slot, owner)
-            except BaseException:
-                slot.busy = False
+            previous, slot.owner, slot.busy = slot.owner, owner, True
+            evicted = None
+            if previous != owner and previous is not None and previous[1] is not None:
+                evicted = slot_file(previous[0], previous[1])
+                self._saving[evicted] = asyncio.get_running_loop().create_future()
+        try:
+            if previous != owner:
+                await self._hand_over(spec, idx, previous, owner, evicted)
+        except BaseException:
+            async with rep.freed:
+                slot.owner, slot.busy = None, False  # unknown contents: nobody may reuse them
                 rep.freed.notify(1)
-                raise
-            slot.owner = owner
+            raise
         self.stats["pinned"] += 1
         return KvLease({"id_slot": idx}, lambda ok: self._release(spec, rep, idx, slot, ok))
+
+    async def _hand_over(self, spec: ReplicaSpec, idx: int, previous: Owner | None, owner: Owner,
+                         evicted: str | None) -> None:
+        if evicted is not None:
+            future = self._saving[evicted]
+            try:
+                await self._action(spec, idx, "save", evicted)
+            finally:
+                if self._saving.get(evicted) is future:
+                    del self._saving[evicted]
+                future.set_result(None)
+        restored = False
+        if owner[1] is not None:
+            name = slot_file(owner[0], owner[1])
+            if (pending := self._saving.get(name)) is not None:
+                await asyncio.shield(pending)  # this session is being saved from another slot right now
+            if await asyncio.to_thread((self._dir / name).exists):
+                restored = await self._action(spec, idx, "restore", name)
+        if not restored and previous is not None and previous[0] != owner[0]:
+            await self._action(spec, idx, "erase")
 
     @staticmethod
     def _notify_freed(rep: _Replica) -> None:
@@ -166,18 +193,6 @@ class LlamaSlots:
                 rep.freed.notify(1)
 
         asyncio.get_running_loop().create_task(notify())
-
-    async def _hand_over(self, spec: ReplicaSpec, idx: int, slot: _Slot, owner: Owner) -> None:
-        previous = slot.owner
-        if previous is not None and previous[1] is not None:
-            await self._action(spec, idx, "save", slot_file(*previous))  # type: ignore[arg-type]
-        restored = False
-        if owner[1] is not None:
-            name = slot_file(owner[0], owner[1])
-            if await asyncio.to_thread((self._dir / name).exists):
-                restored = await self._action(spec, idx, "restore", name)
-        if not restored and previous is not None and previous[0] != owner[0]:
-            await self._action(spec, idx, "erase")
 
     def _release(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot, ok: bool) -> None:
         slot.last_used = self._clock.now()
@@ -190,10 +205,9 @@ class LlamaSlots:
         self._notify_freed(rep)
 
     async def _save_then_free(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot) -> None:
-        try:
-            async with rep.lock:
-                if slot.owner is not None and slot.owner[1] is not None:
-                    await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
+        try:  # the slot stays busy (reserved) while it is saved, so the table lock is not needed
+            if slot.owner is not None and slot.owner[1] is not None:
+                await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
         finally:
             slot.busy = False
             self._notify_freed(rep)

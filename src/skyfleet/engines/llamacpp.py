@@ -47,6 +47,7 @@ class LlamaReplicaArgs:
     slots: int = 2
     ctx_size: int = 4096
     slot_dir: Path | None = None
+    poll: int = 0  # llama.cpp's busy-wait level 0..100 (its own default is 50)
 
 
 def _params(args: LlamaReplicaArgs):  # -> xllamacpp.CommonParams
@@ -59,6 +60,11 @@ def _params(args: LlamaReplicaArgs):  # -> xllamacpp.CommonParams
     p.n_ctx = args.ctx_size
     p.cpuparams.n_threads = args.threads
     p.cpuparams_batch.n_threads = args.threads
+    # No busy-wait polling between compute steps: several replicas share the machine's cores, and
+    # spinning threads of one replica starve the other (decode fell from ~8 ms to seconds per token
+    # with 2 replicas x 2 threads on 2 cores). Sleeping threads cost a little latency when alone.
+    p.cpuparams.poll = args.poll
+    p.cpuparams_batch.poll = args.poll
     p.endpoint_metrics = True
     p.endpoint_slots = True
     p.cache_prompt = True

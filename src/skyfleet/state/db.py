@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ SQLITE_BEGIN_OPTION = "skyfleet_sqlite_begin"
 WRITE_OPTIONS: dict[str, Any] = {SQLITE_BEGIN_OPTION: "IMMEDIATE"}
 
 _SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
+    "PRAGMA busy_timeout=10000",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=10000",
 )
+#: Tries of ``PRAGMA journal_mode=WAL`` (see :func:`_set_wal`).
+_WAL_ATTEMPTS = 100
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
@@ -85,6 +87,7 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         try:
             for pragma in _SQLITE_PRAGMAS:
                 cursor.execute(pragma)
+            _set_wal(cursor)
         finally:
             cursor.close()
 
@@ -92,6 +95,19 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, retried: on a brand-new file, connections racing to convert
+    it get "database is locked" at once (SQLite runs no busy handler for that lock); the retry
+    finds the file converted or the lock free."""
+    for attempt in range(_WAL_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                raise
 
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

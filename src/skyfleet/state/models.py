@@ -7,7 +7,18 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, ForeignKey, Index, MetaData, String, text
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -21,6 +32,11 @@ NAMING_CONVENTION = {
 
 TENANT_ID_PREFIX = "ten_"
 KEY_ID_PREFIX = "key_"
+CONVERSATION_ID_PREFIX = "conv_"
+RESPONSE_ID_PREFIX = "resp_"
+MESSAGE_ID_PREFIX = "msg_"
+#: Public ids (conversations, responses, items): client-supplied item ids are held to this too.
+ID_LENGTH = 64
 
 
 def new_id(prefix: str) -> str:
@@ -78,6 +94,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(63))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Conversations and responses older than this many days are swept; NULL keeps them.
+    retention_days: Mapped[int | None] = mapped_column(Integer())
 
 
 class ApiKey(Base):
@@ -97,3 +115,99 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# Conversations and stored responses. Columns ending in ``_ct`` hold AES-GCM ciphertext (see
+# skyfleet.crypto); everything else is non-private bookkeeping (ids, times, status, counts).
+
+
+class TenantKey(Base):
+    """A tenant's data key (DEK), wrapped by the key provider's KEK."""
+
+    __tablename__ = "tenant_keys"
+
+    tenant_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tenants.id", ondelete="RESTRICT"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary())
+    provider: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_tenant_id_updated_at", "tenant_id", "updated_at"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: The seq number the next appended item gets (seq numbers are never reused).
+    next_seq: Mapped[int] = mapped_column(Integer())
+    metadata_ct: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+class ConversationItem(Base):
+    __tablename__ = "conversation_items"
+    __table_args__ = (
+        Index("uq_conversation_items_conversation_id_id", "conversation_id", "id", unique=True),
+        Index("ix_conversation_items_tenant_id", "tenant_id"),
+    )
+
+    conversation_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="RESTRICT"))
+    #: The response that produced the item (not a foreign key: the response may be deleted).
+    response_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    item_ct: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+class StoredResponse(Base):
+    __tablename__ = "responses"
+    __table_args__ = (
+        Index("ix_responses_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_responses_conversation_id", "conversation_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="RESTRICT"))
+    status: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    conversation_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("conversations.id", ondelete="SET NULL")
+    )
+    #: Not a foreign key: a chain survives (and stops at) a deleted predecessor.
+    previous_response_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    session_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    #: False for ``store: false``: the row only lives until the response finishes.
+    stored: Mapped[bool] = mapped_column(Boolean())
+    input_tokens: Mapped[int] = mapped_column(Integer())
+    output_tokens: Mapped[int] = mapped_column(Integer())
+    cached_tokens: Mapped[int] = mapped_column(Integer())
+    body_ct: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+class ResponseItem(Base):
+    __tablename__ = "response_items"
+    __table_args__ = (
+        Index("uq_response_items_response_id_id", "response_id", "id", unique=True),
+        Index("ix_response_items_tenant_id", "tenant_id"),
+    )
+
+    response_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    #: "input" or "output".
+    kind: Mapped[str] = mapped_column(String(8))
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    item_ct: Mapped[bytes] = mapped_column(LargeBinary())

@@ -14,20 +14,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from skyfleet.clock import Clock, SystemClock
+from skyfleet.config import ConfigError
 from skyfleet.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from skyfleet.iam.apikeys import display_prefix, generate_key, hash_key
 from skyfleet.state.db import WRITE_OPTIONS, make_engine, make_session_factory, migrate
 from skyfleet.state.models import KEY_ID_PREFIX, TENANT_ID_PREFIX, ApiKey, Tenant, new_id, utcnow
 
+if TYPE_CHECKING:  # runtime imports are deferred: skyfleet.crypto imports this package
+    from skyfleet.crypto import KeyProvider, TenantKeyring
+    from skyfleet.state.conversations import ConversationRepository, ResponseRepository
+
 ROLES = ("platform-admin", "tenant-admin", "member", "read-only")
 TENANT_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 KEY_NAME_MAX_LENGTH = 200
+RETENTION_DAYS_MAX = 36_500
+
+_T = TypeVar("_T")
 
 _TENANT_NAME_RE = re.compile(TENANT_NAME_PATTERN, re.ASCII)
 _KEY_HASH_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -38,6 +47,8 @@ class TenantRecord:
     id: str
     name: str
     created_at: datetime
+    #: Conversations and responses older than this many days are swept; None keeps them.
+    retention_days: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +117,14 @@ class TenantRepository(_Repository):
         row = Tenant(id=new_id(TENANT_ID_PREFIX), name=name, created_at=utcnow(), deleted_at=None)
         async with self._session(write=True, conflict=f"tenant '{name}' already exists") as session:
             session.add(row)
-        return TenantRecord(id=row.id, name=row.name, created_at=row.created_at)
+        return _tenant_record(row)
 
     async def get(self, name: str) -> TenantRecord:
         if _valid_tenant_name(name):
             async with self._session() as session:
                 row = (await session.execute(_live_tenant(name))).scalar_one_or_none()
             if row is not None:
-                return TenantRecord(id=row.id, name=row.name, created_at=row.created_at)
+                return _tenant_record(row)
         raise NotFoundError(f"tenant '{name[:100]}' not found", param="tenant")
 
     async def list(self) -> builtins.list[TenantRecord]:
@@ -121,7 +132,30 @@ class TenantRepository(_Repository):
         stmt = select(Tenant).where(Tenant.deleted_at.is_(None)).order_by(Tenant.name)
         async with self._session() as session:
             rows = (await session.execute(stmt)).scalars().all()
-        return [TenantRecord(id=r.id, name=r.name, created_at=r.created_at) for r in rows]
+        return [_tenant_record(r) for r in rows]
+
+    async def set_retention(self, name: str, days: int | None) -> TenantRecord:
+        """Keep the tenant's conversations and responses ``days`` days (None: indefinitely)."""
+        if days is not None and (
+            isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= RETENTION_DAYS_MAX
+        ):
+            raise InvalidRequestError(
+                f"retention_days must be an integer from 1 to {RETENTION_DAYS_MAX}, or null",
+                param="retention_days",
+            )
+        async with self._session(write=True) as session:
+            row = (
+                await session.execute(
+                    update(Tenant)
+                    .where(Tenant.name == name, Tenant.deleted_at.is_(None))
+                    .values(retention_days=days)
+                    .returning(Tenant)
+                    .execution_options(synchronize_session=False)
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFoundError(f"tenant '{str(name)[:100]}' not found", param="tenant")
+            return _tenant_record(row)
 
     async def delete(self, name: str) -> None:
         """Soft-delete the tenant and revoke all of its keys, in one transaction."""
@@ -144,6 +178,12 @@ class TenantRepository(_Repository):
                 .values(revoked_at=now)
                 .execution_options(synchronize_session=False)
             )
+
+
+def _tenant_record(row: Tenant) -> TenantRecord:
+    return TenantRecord(
+        id=row.id, name=row.name, created_at=row.created_at, retention_days=row.retention_days
+    )
 
 
 def _live_tenant(name: str) -> Select[Tenant]:
@@ -304,15 +344,55 @@ class ApiKeyRepository(_Repository):
 
 
 class Store:
-    """The state store: one engine and the repositories over it."""
+    """The state store: one engine and the repositories over it.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    ``conversations``, ``responses`` and ``keyring`` (tenant-private data, encrypted at rest)
+    exist only when a :class:`~skyfleet.crypto.KeyProvider` is given.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, *, key_provider: KeyProvider | None = None, clock: Clock | None = None
+    ) -> None:
         self.engine = engine
         self.tenants = TenantRepository(engine)
         self.keys = ApiKeyRepository(engine)
+        self._keyring: TenantKeyring | None = None
+        self._conversations: ConversationRepository | None = None
+        self._responses: ResponseRepository | None = None
+        if key_provider is not None:
+            from skyfleet.crypto import TenantKeyring
+            from skyfleet.state.conversations import ConversationRepository, ResponseRepository
+
+            clock = clock or SystemClock()
+            self._keyring = TenantKeyring(engine, key_provider, clock)
+            self._conversations = ConversationRepository(engine, self._keyring, clock)
+            self._responses = ResponseRepository(engine, self._keyring, clock)
+
+    @property
+    def keyring(self) -> TenantKeyring:
+        return self._require(self._keyring)
+
+    @property
+    def conversations(self) -> ConversationRepository:
+        return self._require(self._conversations)
+
+    @property
+    def responses(self) -> ResponseRepository:
+        return self._require(self._responses)
+
+    @staticmethod
+    def _require(repository: _T | None) -> _T:
+        if repository is None:
+            raise ConfigError(
+                "conversations and stored responses need encryption keys: open the store with "
+                "Store.open(url, key_provider=LocalKeyProvider.open(path))"
+            )
+        return repository
 
     @classmethod
-    async def open(cls, url: str) -> Store:
+    async def open(
+        cls, url: str, *, key_provider: KeyProvider | None = None, clock: Clock | None = None
+    ) -> Store:
         """Connect to ``url``, migrate the schema to the newest revision, and return the store."""
         engine = make_engine(url)
         try:
@@ -326,9 +406,11 @@ class Store:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, key_provider=key_provider, clock=clock)
 
     async def close(self) -> None:
+        if self._keyring is not None:
+            self._keyring.forget()
         await self.engine.dispose()
 
     async def ping(self, timeout_s: float = 2.0) -> bool:

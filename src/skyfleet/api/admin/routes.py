@@ -39,8 +39,10 @@ async def delete_tenant(request: Request) -> JSONResponse:
     who = await authenticate_admin(request)
     name = request.path_params["name"]
     tenant = await gateway(request).store.tenants.get(name)
-    await gateway(request).store.tenants.delete(name)
-    log.info("tenant deleted", extra={"tenant_id": tenant.id, "by_key_id": who.key_id})
+    store = gateway(request).store
+    await store.tenants.delete(name)
+    await store.keyring.shred(tenant.id)  # crypto-shredding: its stored data can never be decrypted again
+    log.info("tenant deleted and shredded", extra={"tenant_id": tenant.id, "by_key_id": who.key_id})
     return JSONResponse({"object": "tenant.deleted", "id": tenant.id, "name": name, "deleted": True})
 
 
