@@ -172,6 +172,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def summarise(samples: list[Sample]) -> dict[str, Any]:
     ok = [s for s in samples if s.error is None and s.status == 200]
+    failed = [s for s in samples if not (s.error is None and s.status == 200)]
     wall = (max(s.end for s in samples) - min(s.start for s in samples)) if samples else 0.0
     e2e = [s.end - s.start for s in ok]
     ttft = [s.ttft for s in ok if s.ttft is not None]
@@ -181,7 +182,7 @@ def summarise(samples: list[Sample]) -> dict[str, Any]:
         "requests": len(samples),
         "ok": len(ok),
         "errors": len(samples) - len(ok),
-        "error_kinds": sorted({s.error or f"http {s.status}" for s in samples if s not in ok})[:5],
+        "error_kinds": sorted({s.error or f"http {s.status}" for s in failed})[:5],
         "wall_s": round(wall, 3),
         "throughput_rps": round(len(ok) / wall, 1) if wall else 0.0,
         "ttft_ms": {"p50": ms(_pct(ttft, 0.5)), "p90": ms(_pct(ttft, 0.9)), "p99": ms(_pct(ttft, 0.99)),
