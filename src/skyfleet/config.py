@@ -54,6 +54,12 @@ class LocalEngineSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Interface replicas listen on.")
     start_timeout_s: float = Field(60.0, gt=0, description="How long a replica may take to become healthy.")
     restart_backoff_max_s: float = Field(10.0, gt=0, description="Upper bound of the restart backoff.")
+    kv_slot_manager: bool = Field(
+        True,
+        description="Pin each (tenant, session) to a llama.cpp slot, save evicted slots and restore them when the "
+        "session returns or moves, and erase a slot before another tenant uses it. Off: llama.cpp picks slots "
+        "itself, with no per-tenant erasure: only for single-tenant set-ups and benchmarks.",
+    )
     save_kv_every_turn: bool = Field(
         False,
         description="Save each session's llama.cpp slot after every turn (KV survives a replica crash; costs "

@@ -64,7 +64,7 @@ class Gateway:
             "llama": LlamaSlots(upstream, settings.data_dir.resolve() / "slots", clock,
                                 slots_per_replica=settings.local.slots,
                                 save_every_turn=settings.local.save_kv_every_turn),
-        })
+        } if settings.local.kv_slot_manager else {})
         registry.on_stopped.append(kv.replica_gone)
         proxy = Proxy(
             registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock, observer=metrics,
