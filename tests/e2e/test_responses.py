@@ -122,3 +122,24 @@ def test_history_longer_than_context(gateway: Gateway) -> None:
                                  truncation="auto")
     assert r2.status in ("completed", "incomplete")
     assert r2.usage.input_tokens < 2048
+
+
+def test_sessions_export_and_retention_cli(gateway: Gateway, tmp_path) -> None:
+    client = gateway.client()
+    conv = client.conversations.create(items=[{"type": "message", "role": "user", "content": "export-me-7c1"}])
+    client.responses.create(model=MODEL, input="Say hi.", conversation=conv.id, max_output_tokens=2)
+    out = tmp_path / "export.jsonl"
+    done = gateway.cli("sessions", "export", "--tenant", "default", "--out", str(out))
+    assert "exported" in done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(conv.id in json.dumps(r) and "export-me-7c1" in json.dumps(r) for r in records)
+    unknown = gateway.cli("sessions", "export", "--tenant", "nobody", check=False)
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr
+    gateway.cli("tenants", "retention", "default", "--days", "30")
+    tenants = {t["name"]: t for t in json.loads(gateway.cli("tenants", "list", "--json").stdout)}
+    assert tenants["default"]["retention_days"] == 30
+    gateway.cli("tenants", "retention", "default", "--forever")
+    tenants = {t["name"]: t for t in json.loads(gateway.cli("tenants", "list", "--json").stdout)}
+    assert tenants["default"]["retention_days"] is None
+    bad = gateway.cli("tenants", "retention", "default", check=False)
+    assert bad.returncode == 2

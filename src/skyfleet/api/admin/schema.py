@@ -30,7 +30,8 @@ def _ts(value: datetime | None) -> int | None:
 
 
 def tenant_json(t: TenantRecord) -> dict[str, Any]:
-    return {"object": "tenant", "id": t.id, "name": t.name, "created_at": _ts(t.created_at)}
+    return {"object": "tenant", "id": t.id, "name": t.name, "created_at": _ts(t.created_at),
+            "retention_days": t.retention_days}
 
 
 def key_json(k: KeyRecord) -> dict[str, Any]:
