@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from skyfleet.api.items import check_metadata, item_text, normalise_items, to_chat_messages
+from skyfleet.api.items import check_metadata, normalise_items, to_chat_messages
 from skyfleet.api.responses.schema import CreateResponse
 from skyfleet.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError, SkyfleetError
 from skyfleet.gateway.context import RequestContext
-from skyfleet.gateway.proxy import UnaryReply, UpstreamStream
+from skyfleet.gateway.proxy import UnaryReply, UpstreamStream, usage_of
 from skyfleet.iam.principal import Principal
 from skyfleet.runtime import Gateway
 
@@ -160,7 +160,7 @@ class ResponsesService:
             raise
         choice = (reply.data.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
-        usage = _usage(reply.data)
+        usage = usage_of(reply.data) or (0, 0, 0)
         return await self.commit(ctx.principal, turn, text, usage, choice.get("finish_reason"))
 
     async def open_stream(self, ctx: RequestContext, turn: Turn) -> UpstreamStream:
@@ -190,13 +190,3 @@ class ResponsesService:
             await self.gw.store.responses.fail(principal.tenant_id, turn.response_id, status=status,  # type: ignore[arg-type]
                                                error=error)
         return turn.response(status=status, error=error)
-
-
-def _usage(data: dict[str, Any]) -> tuple[int, int, int]:
-    u = data.get("usage") or {}
-    details = u.get("prompt_tokens_details") or {}
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int(details.get("cached_tokens") or 0)
-
-
-
-__all__ = ["ResponsesService", "Turn", "item_text", "new_id"]
