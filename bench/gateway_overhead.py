@@ -97,6 +97,18 @@ def start_skyfleet(workdir: Path, fast_port: int, paced_port: int) -> tuple[subp
     return proc, url, key
 
 
+def start_stack(prefix: str) -> tuple[Path, int, int, list[subprocess.Popen[bytes]], subprocess.Popen[bytes], str, str]:
+    """Pin this process to the load CPU; start a fast and a paced simulated engine and skyfleet.
+
+    Returns (workdir, fast_port, paced_port, sims, gateway, gateway_url, api_key)."""
+    os.sched_setaffinity(0, {int(CPU_LOAD)})
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    fast, paced = free_port(), free_port()
+    sims = [start_sim(fast, paced=None, logdir=workdir), start_sim(paced, paced="0.05,0.01", logdir=workdir)]
+    gw, url, key = start_skyfleet(workdir, fast, paced)
+    return workdir, fast, paced, sims, gw, url, key
+
+
 def ensure_litellm() -> Path:
     exe = LITELLM_VENV / "bin" / "litellm"
     if not exe.exists():
@@ -263,19 +275,14 @@ def main() -> int:
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead")
     args = ap.parse_args()
-    os.sched_setaffinity(0, {int(CPU_LOAD)})
     dur = 3.0 if args.quick else 8.0
-    workdir = Path(tempfile.mkdtemp(prefix="skyfleet-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [], "paced": [],
                                "machine": f"{os.cpu_count()} CPUs", "litellm_version": None,
                                "litellm_database_mode": "not tried"}
     try:
-        fast_port, paced_port = free_port(), free_port()
-        procs.append(start_sim(fast_port, paced=None, logdir=workdir))
-        procs.append(start_sim(paced_port, paced="0.05,0.01", logdir=workdir))
-        sky, sky_url, sky_key = start_skyfleet(workdir, fast_port, paced_port)
-        procs.append(sky)
+        workdir, fast_port, paced_port, sims, sky, sky_url, sky_key = start_stack("skyfleet-bench-")
+        procs += [*sims, sky]
         targets: list[tuple[str, str, str | None, int | None]] = [
             ("direct", f"http://127.0.0.1:{fast_port}", None, None), ("skyfleet", sky_url, sky_key, sky.pid)]
         if not args.skip_litellm:

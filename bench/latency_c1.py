@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import CPU_LOAD, ROOT, free_port, measure, start_sim, start_skyfleet
+from gateway_overhead import ROOT, measure, start_stack
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    os.sched_setaffinity(0, {int(CPU_LOAD)})
-    wd = Path(tempfile.mkdtemp(prefix="skyfleet-c1-"))
-    fast, paced = free_port(), free_port()
-    sims = [start_sim(fast, paced=None, logdir=wd), start_sim(paced, paced="0.05,0.01", logdir=wd)]
-    sky, url, key = start_skyfleet(wd, fast, paced)
+    _, fast, _, sims, sky, url, key = start_stack("skyfleet-c1-")
     rows = []
     try:
         asyncio.run(measure("warm", url, key, sky.pid, model="sim-model", stream=False, concurrency=8,

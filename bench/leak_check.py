@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import CPU_LOAD, ROOT, free_port, log, start_sim, start_skyfleet
+from gateway_overhead import ROOT, log, start_stack
 from loadgen import LoadSpec, closed_loop
 from procstat import memory
 
@@ -28,11 +26,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "leak_check.json")
     args = ap.parse_args()
-    os.sched_setaffinity(0, {int(CPU_LOAD)})
-    workdir = Path(tempfile.mkdtemp(prefix="skyfleet-leak-"))
-    fast, paced = free_port(), free_port()
-    sims = [start_sim(fast, paced=None, logdir=workdir), start_sim(paced, paced="0.05,0.01", logdir=workdir)]
-    gw, url, key = start_skyfleet(workdir, fast, paced)
+    _, _, _, sims, gw, url, key = start_stack("skyfleet-leak-")
     points: list[dict[str, float]] = []
     try:
         done, step = 0, args.requests // 20
