@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Gateway listen address.")
     port: int = Field(8000, ge=0, le=65535, description="Gateway listen port (0: any free port).")
     data_dir: Path = Field(Path(".skyfleet"), description="Where the embedded database and slot files live.")
+    tls_cert: Path | None = Field(None, description="Serve HTTPS (TLS 1.2 or newer) with this certificate (PEM).")
+    tls_key: Path | None = Field(None, description="Private key of tls_cert (PEM).")
     database_url: SecretStr | None = Field(
         None,
         description="SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/db. Default: SQLite in data_dir.",
@@ -150,6 +153,16 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "skyfleet.db"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
 
     @property
     def key_path(self) -> Path:

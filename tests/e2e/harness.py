@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ class Gateway:
     keys: dict[str, str] = field(default_factory=dict)
     stderr_path: Path | None = None
     group: bool = False  # started in its own process group (via make)
+    verify: Any = True  # TLS: the CA file that signed the gateway's certificate
 
     @property
     def member_key(self) -> str:
@@ -58,13 +60,15 @@ class Gateway:
         return self.keys["Admin key"]
 
     def client(self, key: str | None = None, **kw: Any) -> openai.OpenAI:
+        if self.verify is not True:
+            kw.setdefault("http_client", httpx.Client(verify=self.verify))
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.member_key, max_retries=0, **kw)
 
     def async_client(self, key: str | None = None, **kw: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key or self.member_key, max_retries=0, **kw)
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        return httpx.Client(base_url=self.url, timeout=30, verify=self.verify)
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
         with self.http() as h:
@@ -128,7 +132,7 @@ def gateway_env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 
 def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 90, via_make: bool = False,
-                  **settings: str) -> Gateway:
+                  tls_ca: Path | None = None, **settings: str) -> Gateway:
     """Start ``skyfleet serve`` (or the README's ``make serve``) and wait until its replicas are in routing."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / ".skyfleet"
@@ -142,8 +146,9 @@ def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 
             cmd, cwd = [sys.executable, "-m", "skyfleet", "serve", "--port", str(port), "--replicas", str(replicas)], workdir
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=via_make)
-    gw = Gateway(proc=proc, url=f"http://127.0.0.1:{port}", data_dir=data_dir, env=env, stderr_path=stderr_path,
-                 group=via_make)
+    scheme = "https" if tls_ca else "http"
+    gw = Gateway(proc=proc, url=f"{scheme}://127.0.0.1:{port}", data_dir=data_dir, env=env, stderr_path=stderr_path,
+                 group=via_make, verify=ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True)
     out_lines: list[str] = []
 
     def read_stdout() -> None:

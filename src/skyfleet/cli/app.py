@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from skyfleet.cli import engine, keys, sessions, tenants
+from skyfleet.cli import certs, engine, keys, sessions, tenants
 from skyfleet.cli.common import ConfigOption
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(keys.app, name="keys")
 app.add_typer(sessions.app, name="sessions")
+app.add_typer(certs.app, name="certs")
 app.add_typer(engine.app, name="engine")
 
 
@@ -26,12 +28,14 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
     replicas: Annotated[int | None, typer.Option(help="Local llama.cpp replicas.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Start the gateway and its local llama.cpp replicas."""
     from skyfleet.cli.serve import serve as run
 
-    run(host=host, port=port, replicas=replicas, config=config)
+    run(host=host, port=port, replicas=replicas, config=config, tls_cert=tls_cert, tls_key=tls_key)
 
 
 def main() -> None:

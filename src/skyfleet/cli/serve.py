@@ -32,6 +32,18 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._gw = gw
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.config.ssl_certfile:
+            # Idle keep-alive connections have nothing to drain, but over TLS a graceful close
+            # waits for the client's close_notify (up to 30 s) and so holds the whole shutdown.
+            # Abort them; connections with a request in flight still drain as usual.
+            for conn in list(self.server_state.connections):
+                cycle = getattr(conn, "cycle", None)
+                transport = getattr(conn, "transport", None)
+                if transport is not None and (cycle is None or cycle.response_complete):
+                    transport.abort()
+        await super().shutdown(sockets)
+
     def handle_exit(self, sig: int, frame: object) -> None:
         self._gw.stop_accepting()
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
@@ -79,6 +91,9 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
     config = uvicorn.Config(
         app, loop="none", http="httptools", lifespan="off", access_log=False, log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, timeout_keep_alive=30,
+        # uvicorn's server context is PROTOCOL_TLS_SERVER: TLS 1.2 is the minimum version.
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
     server = _Server(config, gw)
     await gw.start()
@@ -96,9 +111,10 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
         await gw.stop()
 
 
-def serve(*, host: str | None, port: int | None, replicas: int | None, config: Path | None) -> None:
+def serve(*, host: str | None, port: int | None, replicas: int | None, config: Path | None,
+          tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
     """Start the gateway and its local llama.cpp replicas (blocks until SIGTERM/SIGINT)."""
-    overrides: dict[str, object] = {"host": host, "port": port}
+    overrides: dict[str, object] = {"host": host, "port": port, "tls_cert": tls_cert, "tls_key": tls_key}
     settings = settings_or_exit(config, **overrides)
     if replicas is not None:
         settings = settings.model_copy(update={"local": settings.local.model_copy(update={"replicas": replicas})})
