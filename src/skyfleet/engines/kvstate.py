@@ -105,7 +105,7 @@ class LlamaSlots:
         self._save_every_turn = save_every_turn
         self._replicas: dict[str, _Replica] = {}
         self._saving: dict[str, asyncio.Future[None]] = {}  # slot files being written right now
-        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "waited": 0, "action_s": 0.0}
+        self.stats = {"pinned": 0, "restored": 0, "saved": 0, "erased": 0, "waited": 0}
 
     def _table(self, replica_id: str) -> _Replica:
         rep = self._replicas.get(replica_id)
@@ -114,9 +114,7 @@ class LlamaSlots:
         return rep
 
     async def _action(self, spec: ReplicaSpec, idx: int, action: str, filename: str | None = None) -> bool:
-        started = self._clock.now()
         ok = await self._upstream.slot_action(spec, idx, action, filename)
-        self.stats["action_s"] += self._clock.now() - started
         if ok:
             self.stats["saved" if action == "save" else "restored" if action == "restore" else "erased"] += 1
         return ok

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from skyfleet.engines.metrics import MetricsParseError, parse_metrics
+from skyfleet.engines.metrics import EngineMetrics, MetricsParseError, parse_metrics
 from skyfleet.fleet.registry import ReplicaEntry, ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaState
 from skyfleet.gateway.upstream import UpstreamClient
@@ -34,18 +34,22 @@ class HealthChecker:
         entries = [e for e in self._registry.entries.values() if e.state == ReplicaState.READY]
         texts = await asyncio.gather(*(self._upstream.get_text(e.spec.metrics_url, 2.0) for e in entries))
         for entry, (status, text) in zip(entries, texts, strict=True):
-            if status == 200:
-                await asyncio.to_thread(self._apply_metrics, entry, text)
+            if status != 200:
+                continue
+            # Parse in a worker thread; apply here, on the loop that owns the registry.
+            m = await asyncio.to_thread(self._parse, entry, text)
+            if m is None or self._registry.get(entry.spec.id) is not entry:
+                continue
+            entry.engine_running = m.requests_running
+            entry.engine_waiting = m.requests_waiting
+            entry.kv_cache_usage = m.kv_cache_usage
 
     @staticmethod
-    def _apply_metrics(entry: ReplicaEntry, text: str) -> None:
+    def _parse(entry: ReplicaEntry, text: str) -> EngineMetrics | None:
         try:
-            m = parse_metrics(entry.spec.engine, text, model=entry.spec.upstream_model)  # type: ignore[arg-type]
+            return parse_metrics(entry.spec.engine, text, model=entry.spec.upstream_model)  # type: ignore[arg-type]
         except (MetricsParseError, ValueError):
-            return
-        entry.engine_running = m.requests_running
-        entry.engine_waiting = m.requests_waiting
-        entry.kv_cache_usage = m.kv_cache_usage
+            return None
 
     async def check_once(self) -> None:
         entries = [
