@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from skyfleet.audit import Audit, DiscardAudit
 from skyfleet.clock import Clock, SystemClock
 from skyfleet.config import Settings
 from skyfleet.crypto import LocalKeyProvider
@@ -43,6 +44,7 @@ class Gateway:
     proxy: Proxy
     local: LocalProvider | None
     health: HealthChecker
+    audit: Audit = field(default_factory=DiscardAudit)
     accepting: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 

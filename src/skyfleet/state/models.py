@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,6 +98,11 @@ class Tenant(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: Conversations and responses older than this many days are swept; NULL keeps them.
     retention_days: Mapped[int | None] = mapped_column(Integer())
+    #: Requests and tokens per minute for the whole tenant; NULL: the configured default.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer())
+    tpm_limit: Mapped[int | None] = mapped_column(Integer())
+    #: Opted in to sharing the public (system-prompt) prefix cache with other opted-in tenants.
+    share_public_prefix: Mapped[bool] = mapped_column(Boolean(), server_default=text("false"))
 
 
 class ApiKey(Base):
@@ -115,6 +122,30 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: JSON arrays of allowed model names / client CIDRs; NULL: no restriction.
+    models: Mapped[str | None] = mapped_column(Text())
+    cidrs: Mapped[str | None] = mapped_column(Text())
+    #: Per-key requests and tokens per minute; NULL: only the tenant's limits apply.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer())
+    tpm_limit: Mapped[int | None] = mapped_column(Integer())
+
+
+class AuditEntry(Base):
+    """One entry of the append-only, hash-chained audit log (never holds a key, token or prompt)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant_id_at", "tenant_id", "at"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str | None] = mapped_column(String(80))
+    tenant_id: Mapped[str | None] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[str | None] = mapped_column(Text())
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 # Conversations and stored responses. Columns ending in ``_ct`` hold AES-GCM ciphertext (see
