@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,13 +12,15 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from skyfleet.api import health
 from skyfleet.api.admin import routes as admin
 from skyfleet.api.conversations import router as conversations
 from skyfleet.api.deps import RequestIds
 from skyfleet.api.openai import inference, models
+from skyfleet.api.openapi import build_openapi
 from skyfleet.api.responses import router as responses
 from skyfleet.crypto import DecryptionError
 from skyfleet.errors import (
@@ -94,6 +97,14 @@ class FastPath:
         await response(scope, receive, send)
 
 
+async def openapi_json(request: Request) -> JSONResponse:
+    """GET /openapi.json: the document for this app's routes (built once)."""
+    doc = getattr(request.app.state, "openapi", None)
+    if doc is None:
+        doc = request.app.state.openapi = build_openapi(request.app.routes, version=importlib.metadata.version("skyfleet"))
+    return JSONResponse(doc)
+
+
 def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> FastPath:
     """The gateway's ASGI app. With ``manage_lifecycle`` the app starts and stops ``gw`` itself."""
 
@@ -109,7 +120,7 @@ def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> FastPath:
 
     app = Starlette(
         routes=[*inference.routes, *models.routes, *responses.routes, *conversations.routes, *health.routes,
-                *admin.routes],
+                *admin.routes, Route("/openapi.json", openapi_json, methods=["GET"])],
         exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error,
                             DecryptionError: _undecryptable, Exception: _unexpected},
         lifespan=lifespan,

@@ -26,7 +26,7 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, str]]:
     parts = []
     for j, part in enumerate(content):
         ptype = part.get("type") if isinstance(part, dict) else None
-        if ptype not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if not isinstance(ptype, str) or ptype not in _TEXT_PARTS or not isinstance(part.get("text"), str):
             raise InvalidRequestError(
                 f"'{where}.content.{j}': only text parts (input_text, output_text) are supported.",
                 param=f"{where}.content.{j}")
@@ -50,7 +50,7 @@ def normalise_items(value: Any, param: str) -> list[dict[str, Any]]:
         if item.get("type", "message") != "message":
             raise InvalidRequestError(f"'{where}': only message items are supported.", param=f"{where}.type")
         role = item.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequestError(f"'{where}.role' must be one of user, assistant, system, developer.",
                                       param=f"{where}.role")
         out.append({"type": "message", "role": role, "content": _parts(item.get("content"), role, where),
