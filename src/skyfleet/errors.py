@@ -34,7 +34,7 @@ The tree (HTTP status, OpenAI ``type``, ``code``)::
 Lower-layer errors never cross a boundary unmapped:
 
 * engine (HTTP) errors are mapped by :func:`from_upstream` (an engine's 4xx stays a 4xx
-  of ours with the engine's message, its 5xx becomes :class:`UpstreamError`);
+  of ours, its 5xx becomes :class:`UpstreamError`; the engine's text is never echoed);
 * transport errors (aiohttp) are mapped in ``gateway.upstream``;
 * store errors (SQLAlchemy) are mapped in ``state.repositories``;
 * crypto errors (one opaque ``DecryptionError``) are mapped in ``api.app``.
@@ -44,6 +44,7 @@ Messages never contain keys, tokens, prompts or completions.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -196,29 +197,47 @@ class UpstreamTimeoutError(UpstreamError):
     code = "upstream_timeout"
 
 
+_SAFE_TYPE = re.compile(r"[A-Za-z_]{1,64}")
+_WINDOW = re.compile(r"(?:context length is|context size \(|n_ctx[ =:]*)\s*(\d{1,9})")
+
+
 def from_upstream(status: int, body: bytes) -> SkyfleetError:
     """Map an engine's HTTP error response to one of ours.
 
-    The engine's message is kept for 4xx (it describes the client's own request, e.g.
-    llama.cpp's ``exceed_context_size_error``); 5xx bodies are not echoed.
+    No engine text reaches the client or the logs verbatim: an engine's message can quote the
+    request (a prompt, a stop string), so every message here is rebuilt from the status, a
+    sanitised error type, and the numbers of a context-length error.
     """
-    message = "the engine rejected the request"
+    message = ""
     etype: str | None = None
+    extra: dict[str, object] = {}
     try:
-        err = orjson.loads(body).get("error", {})
+        parsed = orjson.loads(body)
+        err = parsed.get("error", {}) if isinstance(parsed, dict) else {}
         if isinstance(err, dict):
-            message = str(err.get("message") or message)[:500]
-            etype = str(err.get("type") or "") or None
+            message = str(err.get("message") or "")[:500]
+            raw_type = err.get("type")
+            etype = raw_type if isinstance(raw_type, str) and _SAFE_TYPE.fullmatch(raw_type) else None
+            extra = err
         elif isinstance(err, str):
             message = err[:500]
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         pass
-    if etype == "exceed_context_size_error" or ("context" in message and "exceed" in message):
-        return ContextLengthExceededError(message, param="messages")
+    if etype == "exceed_context_size_error" or ("context" in message and ("exceed" in message or "maximum" in
+                                                                          message)):
+        n_ctx = extra.get("n_ctx")
+        found = _WINDOW.search(message)
+        window = n_ctx if isinstance(n_ctx, int) else (int(found.group(1)) if found else None)
+        detail = f" The model's context window is {window} tokens." if window else ""
+        return ContextLengthExceededError(
+            f"The prompt plus the requested output tokens exceed the model's context length.{detail} "
+            "Shorten the input or lower max_tokens.", param="messages")
+    kind = f", {etype}" if etype else ""
     if status == 404:
-        return NotFoundError(message)
+        return NotFoundError(f"The engine could not find what the request named (HTTP 404{kind}).")
     if 400 <= status < 500 and status != 429:
-        return InvalidRequestError(message)
+        return InvalidRequestError(f"The engine rejected the request (HTTP {status}{kind}); check the "
+                                   "sampling parameters against the engine's OpenAI-compatible API.")
     if status == 429 or status == 503:
         return UpstreamConnectError(f"the engine is overloaded (HTTP {status})")
     return UpstreamError(f"the engine failed (HTTP {status})")

@@ -49,3 +49,23 @@ def test_from_upstream(status: int, body: bytes, expected: type, code: str | Non
 def test_upstream_5xx_body_is_not_echoed() -> None:
     err = e.from_upstream(500, b'{"error":{"message":"SECRET-PROMPT-TEXT"}}')
     assert "SECRET" not in err.message
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 500, 503])
+def test_upstream_messages_are_never_echoed(status: int) -> None:
+    # An engine message may quote the request (a prompt, a stop string): nothing of it comes back.
+    for body in (b'{"error":{"message":"CANARY-4242 in your prompt","type":"CANARY-4242"}}',
+                 b'{"error":"CANARY-4242"}', b'{"error":{"message":"context exceeded: CANARY-4242 (2048)"}}'):
+        err = e.from_upstream(status, body)
+        assert "CANARY" not in err.message and "CANARY" not in err.body_bytes().decode()
+
+
+def test_context_error_keeps_the_window_size() -> None:
+    llama = b'{"error":{"code":400,"message":"x","type":"exceed_context_size_error","n_prompt_tokens":3001,"n_ctx":2048}}'
+    assert "2048 tokens" in e.from_upstream(400, llama).message
+    vllm = (b'{"error":{"message":"This model\'s maximum context length is 4096 tokens. However, you requested '
+            b'5000 tokens.","type":"BadRequestError"}}')
+    err = e.from_upstream(400, vllm)
+    assert err.code == "context_length_exceeded" and "4096 tokens" in err.message
+    llama_text = b'{"error":{"message":"request (3001 tokens) exceeds the available context size (2048 tokens)"}}'
+    assert "2048 tokens" in e.from_upstream(400, llama_text).message
