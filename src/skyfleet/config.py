@@ -138,6 +138,9 @@ class Settings(BaseSettings):
         600.0, gt=0, description="How often expired conversations and responses (tenant retention) are deleted."
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=4096, le=1024 * 1024,
+        description="Largest accepted request head (URL + headers); larger ones get 414/431 at once.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
     request_timeout_s: float = Field(600.0, gt=0, description="Upstream total timeout per request.")
     upstream_pool_size: int = Field(256, ge=1, description="Pooled upstream connections per replica.")

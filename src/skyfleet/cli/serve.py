@@ -16,6 +16,7 @@ import typer
 import uvicorn
 
 from skyfleet.api.app import build_app
+from skyfleet.api.protocol import bounded_protocol
 from skyfleet.cli.common import settings_or_exit
 from skyfleet.config import Settings
 from skyfleet.errors import SkyfleetError
@@ -89,7 +90,7 @@ async def _serve(settings: Settings, sock: socket.socket) -> None:
     await bootstrap(gw)
     app = build_app(gw, manage_lifecycle=False)
     config = uvicorn.Config(
-        app, loop="none", http="httptools", lifespan="off", access_log=False, log_config=None,
+        app, loop="none", http=bounded_protocol(settings.max_header_bytes), lifespan="off", access_log=False, log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, timeout_keep_alive=30,
         # uvicorn's server context is PROTOCOL_TLS_SERVER: TLS 1.2 is the minimum version.
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
