@@ -69,3 +69,13 @@ def test_context_error_keeps_the_window_size() -> None:
     assert err.code == "context_length_exceeded" and "4096 tokens" in err.message
     llama_text = b'{"error":{"message":"request (3001 tokens) exceeds the available context size (2048 tokens)"}}'
     assert "2048 tokens" in e.from_upstream(400, llama_text).message
+
+
+def test_replica_log_lines_that_may_quote_a_request_are_redacted() -> None:
+    from skyfleet.engines.llamacpp import redact_line
+
+    line = (b'0.01.016.543 W srv    operator(): got exception: {"error":{"code":400,"message":"JSON schema error '
+            b'at #: unrecognized type CANARY"}}\n')
+    assert redact_line(line) == b"0.01.016.543 W srv    operator(): got exception: [redacted: may quote a request]\n"
+    plain = b"0.00.001.440 I srv          init: build_info: b0-unknown\n"
+    assert redact_line(plain) == plain

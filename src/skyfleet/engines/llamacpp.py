@@ -84,10 +84,47 @@ def _exit_with_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+#: llama.cpp logs some failed requests with the error it returns, and that error can quote the
+#: request (e.g. a bad JSON schema's type). Such lines lose everything from the first JSON object on.
+_QUOTING = (b"got exception", b'{"')
+
+
+def redact_line(line: bytes) -> bytes:
+    """``line`` with anything that may quote a request (prompt, schema, parameters) removed."""
+    if not any(marker in line for marker in _QUOTING):
+        return line
+    cut = line.find(b"{")
+    head = line[:cut] if cut >= 0 else line.rstrip(b"\n")
+    return head + b"[redacted: may quote a request]\n"
+
+
+def _redact_native_output() -> None:
+    """Route this process's stdout and stderr (written by llama.cpp's C++ code too) through :func:`redact_line`."""
+    out = os.dup(1)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as src, os.fdopen(out, "wb", buffering=0) as dst:
+            pending = b""
+            while chunk := src.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if lines:
+                    dst.write(b"".join(redact_line(line + b"\n") for line in lines))
+            if pending:
+                dst.write(redact_line(pending))
+
+    threading.Thread(target=pump, name="log-redactor", daemon=True).start()
+
+
 def serve(args: LlamaReplicaArgs, *, watch_parent: bool = True) -> None:
     """Start llama.cpp's server and block until SIGTERM/SIGINT."""
     import xllamacpp
 
+    _redact_native_output()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
