@@ -1,0 +1,1 @@
+"""Cost: the instance catalog, replica prices, metering, attribution, budgets, reports and advice."""
