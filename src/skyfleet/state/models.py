@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -242,3 +243,68 @@ class ResponseItem(Base):
     tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="RESTRICT"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     item_ct: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+# Metering and cost (migration 0004). Money is integer micro-dollars; token counts, never text.
+
+
+class UsageRecord(Base):
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_tenant_id_ended_at", "tenant_id", "ended_at"),
+        Index("ix_usage_records_ended_at", "ended_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(80))
+    model: Mapped[str] = mapped_column(String(200))
+    route: Mapped[str] = mapped_column(String(16))
+    replica_id: Mapped[str | None] = mapped_column(String(128))
+    pool: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int] = mapped_column(Integer())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ttft_ms: Mapped[int | None] = mapped_column(Integer())
+    prompt_tokens: Mapped[int] = mapped_column(Integer())
+    cached_tokens: Mapped[int] = mapped_column(Integer())
+    completion_tokens: Mapped[int] = mapped_column(Integer())
+    charged_usd_micros: Mapped[int] = mapped_column(BigInteger())
+
+
+class ReplicaInterval(Base):
+    __tablename__ = "replica_intervals"
+    __table_args__ = (
+        Index("uq_replica_intervals_owner_replica_id_started_at", "owner", "replica_id", "started_at", unique=True),
+        Index("ix_replica_intervals_started_at", "started_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    replica_id: Mapped[str] = mapped_column(String(128))
+    pool: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    engine: Mapped[str] = mapped_column(String(16))
+    instance_type: Mapped[str | None] = mapped_column(String(64))
+    region: Mapped[str | None] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(16))
+    usd_per_hour: Mapped[float] = mapped_column(Float())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ReplicaSample(Base):
+    __tablename__ = "replica_samples"
+    __table_args__ = (Index("ix_replica_samples_at", "at"),)
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64))
+    running: Mapped[float | None] = mapped_column(Float())
+    waiting: Mapped[float | None] = mapped_column(Float())
+    kv_cache_usage: Mapped[float | None] = mapped_column(Float())
+    busy_fraction: Mapped[float | None] = mapped_column(Float())
+    tokens_per_s: Mapped[float | None] = mapped_column(Float())
