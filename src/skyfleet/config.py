@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -59,7 +60,8 @@ class LocalEngineSettings(BaseModel):
         True,
         description="Pin each (tenant, session) to a llama.cpp slot, save evicted slots and restore them when the "
         "session returns or moves, and erase a slot before another tenant uses it. Off: llama.cpp picks slots "
-        "itself, with no per-tenant erasure: only for single-tenant set-ups and benchmarks.",
+        "itself, blind to tenants, so a replica reuses prompts only until a second tenant reaches it (then "
+        "cache_prompt=false, no reuse, until it restarts): for single-tenant set-ups and benchmarks.",
     )
     save_kv_every_turn: bool = Field(
         False,
@@ -87,6 +89,84 @@ class RoutingSettings(BaseModel):
     )
 
 
+class LimitSettings(BaseModel):
+    """Rate limits (requests and tokens per minute); see gateway/ratelimit.py for the algorithm.
+
+    A tenant's own limits (tenants.rpm_limit / tpm_limit) and a key's (api_keys.*) come from the
+    store; these are the defaults and how limits are shared between gateways (``redis_url``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_tenant_rpm: int | None = Field(
+        None, ge=1, le=10**9,
+        description="Requests per minute of a tenant without its own limit; unset: unlimited.")
+    default_tenant_tpm: int | None = Field(
+        None, ge=1, le=10**12,
+        description="Tokens per minute of a tenant without its own limit; unset: unlimited.")
+    estimate_completion_tokens: int = Field(
+        256, ge=1, le=1_048_576, description="Completion tokens charged at admission when a request sets no "
+        "max_tokens; the actual usage is reconciled when the request ends.")
+    redis_prefix: str = Field(
+        "skyfleet:rl", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of the limiter's Redis keys.")
+    on_redis_error: Literal["allow", "deny"] = Field(
+        "allow", description="With redis_url set but Redis unreachable: allow (admit unchecked; a warning is "
+        "logged and skyfleet_ratelimit_unavailable_total counts them) or deny (503, Retry-After: 1).")
+    redis_timeout_s: float = Field(
+        0.25, gt=0, le=10, description="Longest a request waits for the limiter's Redis (pool, connect, reply).")
+    redis_max_connections: int = Field(64, ge=1, le=10_000, description="Pooled Redis connections per gateway.")
+
+
+class BudgetSettings(BaseModel):
+    """Budgets (cost/budgets.py): where the shared counters live, reservations, soft-limit alerts.
+
+    The budgets themselves (per tenant and per key, daily/monthly/total, soft and hard limits) are
+    in the store, managed with ``/admin/v1/budgets`` or ``skyfleet budgets``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["auto", "database", "redis"] = Field(
+        "auto", description="Where spend and reservations are counted: database (the store: PostgreSQL, shared "
+        "by gateways on one database, or SQLite for one gateway), redis (redis_url: one Lua script per "
+        "request), auto (redis when redis_url is set, else database).")
+    reservation_ttl_s: float = Field(
+        900.0, ge=1, le=7 * 86_400, description="A reservation not settled within this long is released: the "
+        "bound on how long a crashed gateway's in-flight requests hold budget. Keep it above request_timeout_s "
+        "(a request outliving its reservation is still charged, but no longer reserved).")
+    sweep_interval_s: float = Field(
+        30.0, gt=0, le=3600, description="database backend: how often expired reservations are released.")
+    cache_ttl_s: float = Field(
+        1.0, ge=0, le=300, description="How long a gateway caches which budgets a tenant has. Changes made "
+        "through a gateway apply there at once, elsewhere within this long (limit changes apply at once on "
+        "the database backend, which reads them in the reserving statement).")
+    unknown_context_window: int = Field(
+        32_768, ge=1, le=10_485_760, description="Context window assumed, for the reservation of a request "
+        "without max_tokens, when the model's replicas report none.")
+    on_error: Literal["deny", "allow"] = Field(
+        "deny", description="When the counters cannot be reached: deny (503, Retry-After: 1; no request "
+        "runs unbudgeted) or allow (admit without a reservation; logged and counted).")
+    redis_prefix: str = Field(
+        "skyfleet:budget", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Prefix of the budget Redis keys.")
+    redis_timeout_s: float = Field(
+        0.5, gt=0, le=10, description="Longest a request waits for the budget Redis (pool, connect, reply).")
+    webhook_url: SecretStr | None = Field(
+        None, description="Soft-limit alerts are also POSTed here as JSON (budget id, tenant id, key id, "
+        "period, limit and spend; never a key or text). HTTPS, or HTTP on a loopback host. Secret: such "
+        "URLs often carry a token.")
+    webhook_timeout_s: float = Field(2.0, gt=0, le=30, description="Timeout of one webhook POST.")
+    webhook_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a failed webhook POST (backoff 0.5 s, doubling); then dropped "
+        "and logged. Alerts never block or fail a request.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not _https_or_loopback(v.get_secret_value()):
+            raise ValueError("must be an https:// URL (http:// only on a loopback host)")
+        return v
+
+
 class StaticReplica(BaseModel):
     """An engine skyfleet does not start (e.g. a vLLM server on a GPU host)."""
 
@@ -94,10 +174,49 @@ class StaticReplica(BaseModel):
 
     url: str = Field(description="Base URL of the OpenAI-compatible API, e.g. http://gpu-1:8000 (no /v1).")
     model: str = Field(min_length=1, description="Name clients use for the model served there.")
-    engine: EngineKind = Field("vllm", description="Engine kind, selects the metrics adapter.")
+    engine: EngineKind = Field(
+        "vllm", description="Engine kind: selects the metrics adapter, and whether requests carry the tenant's "
+        "cache_salt (vllm, sglang, sim) or go through the llama.cpp slot manager (llama).")
     upstream_model: str | None = Field(None, description="Model name the engine expects; default: `model`.")
     context_window: int | None = Field(None, gt=0, description="Maximum context length in tokens, if known.")
     api_key: SecretStr | None = Field(None, description="Bearer key the engine requires, if any.")
+    tls_ca_file: Path | None = Field(
+        None, description="https:// replicas: verify the replica's certificate against this CA bundle (PEM) instead "
+        "of the system's trusted CAs.")
+    tls_client_cert: Path | None = Field(
+        None, description="https:// replicas: client certificate (PEM) the gateway presents (mTLS); with "
+        "tls_client_key.")
+    tls_client_key: Path | None = Field(None, description="Private key (PEM) of tls_client_cert.")
+    tls_verify: bool = Field(
+        True, description="Verify the replica's certificate and host name. false: encrypted but unauthenticated "
+        "(anyone on the path can impersonate the replica); logged as a warning at start. Never in production.")
+    instance_type: str | None = Field(
+        None, min_length=1, max_length=64, description="Cost: the cloud instance type it runs on (e.g. g5.xlarge), "
+        "looked up in the instance catalog with `region`; an unknown type or region fails start-up with the "
+        "known ones. Unset (and no usd_per_hour): the replica's cost is counted as 0, with a warning.")
+    region: str | None = Field(
+        None, min_length=1, max_length=64, description="Cost: the cloud region (e.g. us-east-1); required with "
+        "instance_type.")
+    tier: Literal["on-demand", "spot", "reserved", "api"] = Field(
+        "on-demand", description="Cost: capacity tier. on-demand / spot: the catalog's price for instance_type "
+        "in region; reserved: usd_per_hour (required: your reservation's effective hourly price); api: an "
+        "upstream that charges per token, priced by cost.api_prices for its model (no hourly cost).")
+    usd_per_hour: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Cost: this replica's price in USD per hour, instead of "
+        "the catalog's (negotiated prices, reserved capacity, hardware you own).")
+    pool: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Cost pool the replica belongs to (reports, "
+        "idle cost, nominal throughput); default: static.")
+
+    @model_validator(mode="after")
+    def _cost(self) -> StaticReplica:
+        if self.instance_type is not None and self.region is None:
+            raise ValueError("region is required with instance_type")
+        if self.tier == "reserved" and self.usd_per_hour is None:
+            raise ValueError("tier reserved needs usd_per_hour (the reservation's effective hourly price)")
+        if self.tier == "api" and (self.instance_type is not None or self.usd_per_hour is not None):
+            raise ValueError("tier api is priced per token (cost.api_prices): no instance_type or usd_per_hour")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -105,6 +224,252 @@ class StaticReplica(BaseModel):
         if not (v.startswith("http://") or v.startswith("https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls(self) -> StaticReplica:
+        tls = (self.tls_ca_file, self.tls_client_cert, self.tls_client_key)
+        if any(p is not None for p in tls) and not self.url.startswith("https://"):
+            raise ValueError("tls_ca_file / tls_client_cert / tls_client_key need an https:// url")
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError("tls_client_cert and tls_client_key go together: give both or neither")
+        for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
+
+
+class TokenWeightSettings(BaseModel):
+    """Weights of the three kinds of token, relative to a completion (decode) token (cost/pricing.py).
+
+    Charging and attribution count ``prefill * uncached prompt + cached * cached prompt + decode *
+    completion`` weighted tokens. Defaults: a prompt token costs a quarter of a generated one
+    (prefill is batched: one forward pass for the whole prompt; decode runs a pass per token), and a
+    cached prompt token a tenth of an uncached one (it skips prefill but still holds KV memory and
+    is attended to), close to the ratios API providers charge (output 4-5x input, cached input 0.1x).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prefill: float = Field(0.25, ge=0, le=1000, allow_inf_nan=False, description="Weight of an uncached prompt token.")
+    cached: float = Field(
+        0.025, ge=0, le=1000, allow_inf_nan=False, description="Weight of a cached prompt token (at most prefill).")
+    decode: float = Field(1.0, ge=0, le=1000, allow_inf_nan=False, description="Weight of a completion token.")
+
+    @model_validator(mode="after")
+    def _order(self) -> TokenWeightSettings:
+        if self.cached > self.prefill:
+            raise ValueError("cost.weights.cached must not exceed cost.weights.prefill")
+        if self.prefill == self.cached == self.decode == 0:
+            raise ValueError("cost.weights: at least one weight must be > 0")
+        return self
+
+
+class PriceOverrideSettings(BaseModel):
+    """A price of the instance catalog replaced (negotiated discount, a fresher list price)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instance_type: str = Field(min_length=1, max_length=64, description="Catalog instance type, e.g. g5.xlarge.")
+    region: str = Field(min_length=1, max_length=64, description="Catalog region, e.g. us-east-1.")
+    ondemand_usd_per_hr: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="On-demand USD/hour; unset: the catalog's.")
+    spot_usd_per_hr: float | None = Field(None, ge=0, allow_inf_nan=False, description="Spot USD/hour; unset: the catalog's.")
+
+
+class ApiPriceSettings(BaseModel):
+    """Per-token prices of an API-priced upstream (static replica with tier api), USD per million tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt_usd_per_mtok: float = Field(ge=0, allow_inf_nan=False, description="Uncached prompt (input) tokens.")
+    cached_usd_per_mtok: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Cached prompt tokens; default: the prompt price.")
+    completion_usd_per_mtok: float = Field(ge=0, allow_inf_nan=False, description="Completion (output) tokens.")
+
+
+class CostSettings(BaseModel):
+    """Replica prices, charging weights and metering (cost/pricing.py, cost/metering.py; docs/cost.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    local_usd_per_hour: float = Field(
+        0.085, ge=0, le=10_000, allow_inf_nan=False,
+        description="Price of one local replica in USD per hour. Default: an AWS c6i.large on-demand in "
+        "us-east-1 (2 vCPUs, 4 GiB, Linux: $0.085/h), the size of VM one 2-thread CPU replica needs.")
+    price_overrides: tuple[PriceOverrideSettings, ...] = Field(
+        (), description="Catalog prices replaced per instance type and region.")
+    weights: TokenWeightSettings = Field(default_factory=TokenWeightSettings)
+    nominal_tokens_per_s: dict[str, float] = Field(
+        default_factory=dict, description="Weighted tokens per second one replica of a pool serves at a normal "
+        "load, by pool name: a token's charged price is the replica's $/s divided by it.")
+    default_nominal_tokens_per_s: float = Field(
+        100.0, gt=0, le=10**7, allow_inf_nan=False, description="Nominal weighted tokens/s of a pool not in "
+        "nominal_tokens_per_s (about what one 2-thread llama.cpp replica of SmolLM2-135M serves).")
+    api_prices: dict[str, ApiPriceSettings] = Field(
+        default_factory=dict, description="Per-token prices of API-priced upstreams (tier api), by model name.")
+    usage_batch_size: int = Field(
+        500, ge=1, le=100_000, description="Usage records written in one statement; a full batch is written "
+        "at once, a partial one every usage_flush_interval_s.")
+    usage_flush_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Longest a usage record waits in memory before it is written (what a "
+        "crash can lose).")
+    usage_max_pending: int = Field(
+        100_000, ge=1, le=10_000_000, description="Usage records kept in memory while the store is unreachable; "
+        "beyond it new ones are dropped and counted (skyfleet_usage_dropped_total).")
+    interval_heartbeat_s: float = Field(
+        15.0, gt=0, le=3600, description="How often an open replica cost interval's heartbeat is refreshed "
+        "(after a crash the interval is taken to end at its last heartbeat).")
+    sample_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="How often a utilisation sample of each replica (from the health "
+        "checker's /metrics scrapes) is stored, for right-sizing advice.")
+
+    @field_validator("nominal_tokens_per_s")
+    @classmethod
+    def _tps(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        for pool, tps in v.items():
+            if not isinstance(tps, int | float) or not math.isfinite(tps) or tps <= 0:
+                raise ValueError(f"{pool}: must be a finite number > 0")
+        return v
+
+
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def _https_or_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK_HOSTS)
+
+
+class OidcSettings(BaseModel):
+    """OpenID Connect: also accept JWT bearer tokens from one issuer (off while ``issuer`` is unset)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer: str | None = Field(
+        None, description="The issuer (`iss`) tokens must name, e.g. https://login.example.com/realms/x. "
+        "HTTPS (HTTP only on a loopback host). Unset: OIDC is off.")
+    audience: str | None = Field(None, description="The audience (`aud`) tokens must name; required with issuer.")
+    jwks_url: str | None = Field(
+        None, description="Where the signing keys are; default: `jwks_uri` of <issuer>/.well-known/openid-configuration.")
+    algorithms: tuple[JwtAlgorithm, ...] = Field(
+        ("RS256", "ES256"), min_length=1,
+        description="Accepted signature algorithms (asymmetric only: `none` and HS* are never accepted).")
+    tenant_claim: str = Field("skyfleet_tenant", min_length=1, description="Claim holding the tenant's name.")
+    role_claim: str = Field("skyfleet_role", min_length=1, description="Claim holding the role.")
+    default_role: Literal["tenant-admin", "member", "read-only"] = Field(
+        "member", description="Role of a token without the role claim.")
+    allow_platform_admin: bool = Field(False, description="Accept the platform-admin role from a token.")
+    leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew tolerated on exp, nbf and iat.")
+    jwks_cache_s: float = Field(300.0, gt=0, le=86_400, description="How long the fetched key set is trusted.")
+    token_cache_s: float = Field(
+        10.0, ge=0, le=300, description="How long a verified token is remembered (never past its exp).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> OidcSettings:
+        if self.issuer is None:
+            return self
+        if not self.audience:
+            raise ValueError("oidc.audience is required when oidc.issuer is set")
+        for name in ("issuer", "jwks_url"):
+            url = getattr(self, name)
+            if url is not None and not _https_or_loopback(url):
+                raise ValueError(f"oidc.{name} must be an https:// URL (http:// only on a loopback host)")
+        return self
+
+
+_KMS_ALIAS_RE = r"^alias/[A-Za-z0-9/_-]{0,200}[A-Za-z0-9_-]$"
+_VAULT_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class KeySettings(BaseModel):
+    """Where the key-encryption keys (KEKs) wrapping each tenant's data keys live (see crypto/providers/).
+
+    ``local``: the key file (``key_file``) and per-tenant secrets beside it. ``aws-kms``: one KMS key
+    per tenant; credentials from boto3's standard chain (environment, shared config, instance or
+    container role), never from these settings. ``vault-transit``: one Vault Transit key per tenant.
+    Fields of a provider that is not chosen must stay unset.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: Literal["local", "aws-kms", "vault-transit"] = Field(
+        "local", description="local (key file on this machine), aws-kms or vault-transit.")
+    request_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="aws-kms / vault-transit: connect and read timeout of one call.")
+    kms_region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]{1,32}$", description="aws-kms (required): the AWS region, e.g. eu-west-1.")
+    kms_endpoint_url: str | None = Field(
+        None, description="aws-kms: KMS endpoint (VPC endpoint, FIPS endpoint); default: the region's public one.")
+    kms_alias_prefix: str = Field(
+        "alias/skyfleet", pattern=_KMS_ALIAS_RE,
+        description="aws-kms: tenant keys are named <prefix>/<tenant id> (the IAM policy can be scoped to it).")
+    kms_pending_window_days: int = Field(
+        7, ge=7, le=30, description="aws-kms: days between a tenant's shred and AWS deleting its key material.")
+    vault_url: str | None = Field(
+        None, description="vault-transit (required): Vault's address, e.g. https://vault.internal:8200 "
+        "(http:// only on a loopback host).")
+    vault_token: SecretStr | None = Field(
+        None, description="vault-transit: the Vault token (or vault_token_file; exactly one of them).")
+    vault_token_file: Path | None = Field(
+        None, description="vault-transit: file holding the token, re-read when Vault refuses it (Vault Agent sink).")
+    vault_mount: str = Field(
+        "transit", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        description="vault-transit: mount path of the Transit secrets engine.")
+    vault_key_prefix: str = Field(
+        "skyfleet", pattern=_VAULT_NAME_RE, description="vault-transit: tenant keys are named <prefix>-<tenant id>.")
+    vault_namespace: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?$",
+        description="vault-transit: Vault Enterprise / HCP namespace (X-Vault-Namespace).")
+    vault_ca_file: Path | None = Field(
+        None, description="vault-transit: CA bundle (PEM) to verify Vault's certificate; default: system CAs.")
+    vault_derived: bool = Field(
+        True, description="vault-transit: create keys with derivation, the tenant id as context (binds each "
+        "wrapped key to its tenant). Fixed per key at creation: do not change it once keys exist.")
+
+    @field_validator("kms_alias_prefix")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if v == "alias/aws" or v.startswith("alias/aws/"):
+            raise ValueError("alias/aws/ is reserved for AWS managed keys")
+        return v
+
+    @field_validator("kms_endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not _https_or_loopback(v):
+            raise ValueError("must be an https:// URL (http:// only on a loopback host)")
+        return v
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> KeySettings:
+        given = {name for name in self.model_fields_set if name.startswith(("kms_", "vault_"))}
+        own = {"aws-kms": "kms_", "vault-transit": "vault_"}.get(self.provider)
+        stray = sorted(name for name in given if own is None or not name.startswith(own))
+        if stray:
+            raise ValueError(f"keys.{stray[0]} is set but keys.provider is '{self.provider}'")
+        if self.provider == "aws-kms" and self.kms_region is None:
+            raise ValueError("keys.kms_region is required when keys.provider is 'aws-kms'")
+        if self.provider == "vault-transit":
+            if self.vault_url is None:
+                raise ValueError("keys.vault_url is required when keys.provider is 'vault-transit'")
+            if not _https_or_loopback(self.vault_url):
+                raise ValueError("keys.vault_url must be an https:// URL (http:// only on a loopback host)")
+            if (self.vault_token is None) == (self.vault_token_file is None):
+                raise ValueError("keys.provider 'vault-transit' needs exactly one of keys.vault_token and "
+                                 "keys.vault_token_file")
+            if self.vault_token is not None and not self.vault_token.get_secret_value().strip():
+                raise ValueError("keys.vault_token is empty")
+            for name in ("vault_token_file", "vault_ca_file"):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise ValueError(f"keys.{name}: file not found: {path}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -129,11 +494,23 @@ class Settings(BaseSettings):
     local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
     static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    cost: CostSettings = Field(
+        default_factory=CostSettings, description="Replica prices, charging weights and usage metering.")
+    cache_salt_secret: SecretStr | None = Field(
+        None, min_length=32,
+        description="Secret the per-tenant prefix-cache salts (cache_salt, sent to vLLM/SGLang replicas) are derived "
+        "from: HMAC-SHA256, see gateway/cache_salt.py. Default: 32 random bytes in <data_dir>/keys/cache-salt.key, "
+        "created 0600 on first start. Gateways sharing replicas should share it (else: fewer cache hits, never "
+        "less isolation).")
     key_file: Path | None = Field(
         None,
         description="Master key file of the local key provider (created 0600 on first start); per-tenant "
         "wrapping secrets live beside it. Default: <data_dir>/keys/master.key. Back it up apart from the database.",
     )
+    keys: KeySettings = Field(
+        default_factory=KeySettings, description="Key provider of the tenants' KEKs: local, aws-kms or vault-transit.")
     retention_sweep_interval_s: float = Field(
         600.0, gt=0, description="How often expired conversations and responses (tenant retention) are deleted."
     )
@@ -148,6 +525,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     auth_cache_ttl_s: float = Field(30.0, gt=0, description="How long an authenticated key stays cached.")
     revocation_poll_s: float = Field(0.25, gt=0, le=1.0, description="How often gateways look for revoked keys.")
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        (), description="Networks of reverse proxies in front of the gateway. Only a peer in them may set the "
+        "client address (the right-most X-Forwarded-For hop not itself in them), which keys' CIDR allow-lists "
+        "are checked against. Empty: the TCP peer is the client.")
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     metrics_max_tenants: int = Field(
         100, ge=1, description="Distinct tenant label values in metrics; the rest are 'other'."
     )

@@ -23,7 +23,10 @@ The tree (HTTP status, OpenAI ``type``, ``code``)::
     │   └── RouteNotFoundError                 404  code=unknown_url
     ├── MethodNotAllowedError                  405 invalid_request_error code=method_not_allowed
     ├── ConflictError                          409 invalid_request_error code=conflict
-    ├── RateLimitError                         429 rate_limit_error (carries Retry-After)
+    ├── RateLimitError                         429 type=requests|tokens code=rate_limit_exceeded
+    │       (carries Retry-After and OpenAI's x-ratelimit-* headers; gateway/ratelimit.py)
+    ├── BudgetExceededError                    429 type=insufficient_quota code=budget_exceeded
+    │       (a hard budget; carries x-should-retry: false and, for daily/monthly, Retry-After)
     ├── ServiceUnavailableError                503 service_unavailable (carries Retry-After)
     │   ├── NoReplicaAvailableError            503  code=no_replica_available
     │   └── ShuttingDownError                  503  code=shutting_down
@@ -160,6 +163,24 @@ class RateLimitError(SkyfleetError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        if kind is not None:
+            self.type = kind  # OpenAI's: "requests" or "tokens", the limit that was hit
+
+
+class BudgetExceededError(SkyfleetError):
+    """A hard budget would be exceeded (cost/budgets.py): OpenAI's ``insufficient_quota`` type, our code.
+
+    Clients should not retry (``x-should-retry: false`` tells the OpenAI SDKs so); ``Retry-After``
+    says when a daily or monthly budget resets.
+    """
+
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
 
 
 class ServiceUnavailableError(SkyfleetError):

@@ -12,20 +12,29 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from skyfleet.audit import Audit, DiscardAudit
+from skyfleet.audit.log import AuditLog
 from skyfleet.clock import Clock, SystemClock
 from skyfleet.config import Settings
-from skyfleet.crypto import LocalKeyProvider
-from skyfleet.engines.kvstate import KvRouter, LlamaSlots
+from skyfleet.cost.budget_gate import BudgetGate
+from skyfleet.cost.intervals import ReplicaCostRecorder, new_instance_id
+from skyfleet.cost.metering import DiscardUsage, UsageSink, UsageWriter
+from skyfleet.cost.pricing import Pricing
+from skyfleet.crypto import open_key_provider
+from skyfleet.engines.kvstate import KvRouter, LlamaSlots, SoleTenantCache
 from skyfleet.errors import SkyfleetError
 from skyfleet.fleet.health import HealthChecker
 from skyfleet.fleet.providers.local import LocalProvider
 from skyfleet.fleet.providers.static import register_static
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.gateway.auth import Authenticator
+from skyfleet.gateway.cache_salt import CacheSalter, load_or_create_secret
+from skyfleet.gateway.context import CompositeObserver
 from skyfleet.gateway.proxy import Proxy
+from skyfleet.gateway.ratelimit import RateLimiter
 from skyfleet.gateway.upstream import UpstreamClient
 from skyfleet.observability.metrics import GatewayMetrics
 from skyfleet.routing import make_policy
+from skyfleet.state.audit import AuditRepository
 from skyfleet.state.conversations import sweep_expired, tenant_retention
 from skyfleet.state.repositories import Store
 
@@ -45,6 +54,12 @@ class Gateway:
     local: LocalProvider | None
     health: HealthChecker
     audit: Audit = field(default_factory=DiscardAudit)
+    limits: RateLimiter = field(default_factory=RateLimiter.default)
+    budgets: BudgetGate = field(default_factory=BudgetGate.disabled)
+    pricing: Pricing | None = None  # cost/pricing.py: every replica's price, every request's charge
+    usage: UsageSink = field(default_factory=DiscardUsage)  # cost/metering.py: one usage record per request
+    cost_recorder: ReplicaCostRecorder | None = None  # cost/intervals.py: replica intervals and samples
+    instance_id: str = field(default_factory=new_instance_id)  # owner of the replica intervals this gateway records
     accepting: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -52,7 +67,7 @@ class Gateway:
     async def create(cls, settings: Settings, clock: Clock | None = None) -> Gateway:
         clock = clock or SystemClock()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        provider = await asyncio.to_thread(LocalKeyProvider.open, settings.key_path)
+        provider = await asyncio.to_thread(open_key_provider, settings)  # settings.keys: local, KMS or Vault
         store = await Store.open(settings.database_url_value, key_provider=provider, clock=clock)
         registry = ReplicaRegistry()
         upstream = UpstreamClient(
@@ -61,35 +76,72 @@ class Gateway:
             pool_size=settings.upstream_pool_size,
         )
         metrics = GatewayMetrics(registry, max_tenants=settings.metrics_max_tenants)
-        auth = Authenticator(store.keys, clock, ttl_s=settings.auth_cache_ttl_s, admin_key=settings.admin_key)
+        limits = RateLimiter.from_settings(
+            settings.limits, settings.redis_url.get_secret_value() if settings.redis_url else None, clock,
+            metrics.registry)
+        oidc = None
+        if settings.oidc.issuer:
+            from skyfleet.iam.oidc import OidcVerifier
+
+            oidc = OidcVerifier(settings.oidc, store.tenants, clock)
+        auth = Authenticator(store.keys, clock, ttl_s=settings.auth_cache_ttl_s, admin_key=settings.admin_key,
+                             trusted_proxies=settings.trusted_proxies, oidc=oidc)
         kv = KvRouter({
             "llama": LlamaSlots(upstream, settings.data_dir.resolve() / "slots", clock,
                                 slots_per_replica=settings.local.slots,
                                 save_every_turn=settings.local.save_kv_every_turn),
-        } if settings.local.kv_slot_manager else {})
+        } if settings.local.kv_slot_manager else {"llama": SoleTenantCache()})
+        salt_secret = (settings.cache_salt_secret.get_secret_value().encode() if settings.cache_salt_secret
+                       else await asyncio.to_thread(load_or_create_secret,
+                                                    settings.data_dir / "keys" / "cache-salt.key"))
         registry.on_stopped.append(kv.replica_gone)
+        # cost/pricing.py (reads the catalog): charges (metering) and reservations (budgets)
+        pricing = await asyncio.to_thread(Pricing.from_settings, settings)
+        budgets = BudgetGate.from_settings(settings, store.engine, pricing, clock, metrics.registry)
+        c = settings.cost
+        usage = UsageWriter(store.engine, pricing, clock, batch_size=c.usage_batch_size,
+                            flush_interval_s=c.usage_flush_interval_s, max_pending=c.usage_max_pending,
+                            on_charge=metrics.observe_charge, on_drop=metrics.usage_dropped.inc,
+                            on_write_error=metrics.usage_write_errors.inc)
         proxy = Proxy(
-            registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock, observer=metrics,
-            kv=kv,
+            registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock,
+            observer=CompositeObserver(metrics, limits, budgets, usage),
+            salter=CacheSalter(salt_secret), kv=kv,
         )
         local = (
-            LocalProvider(settings.local, registry, settings.data_dir.resolve())
+            LocalProvider(settings.local, registry, settings.data_dir.resolve(), pricing)
             if settings.local.replicas > 0
             else None
         )
         health = HealthChecker(registry, upstream, interval_s=settings.health_interval_s)
-        return cls(settings, store, clock, registry, upstream, auth, metrics, proxy, local, health)
+        audit = AuditLog(AuditRepository(store.engine), clock, registry=metrics.registry)
+        instance_id = new_instance_id()
+        recorder = ReplicaCostRecorder(store.engine, pricing, registry, clock, owner=instance_id,
+                                       heartbeat_s=c.interval_heartbeat_s, sample_interval_s=c.sample_interval_s,
+                                       tick_s=settings.health_interval_s)
+        health.on_scrape.append(recorder.on_scrape)
+        metrics.set_prices(pricing.replica_costs())
+        return cls(settings, store, clock, registry, upstream, auth, metrics, proxy, local, health,
+                   limits=limits, audit=audit, budgets=budgets, pricing=pricing, usage=usage,
+                   cost_recorder=recorder, instance_id=instance_id)
 
     async def start(self) -> None:
         await self.upstream.start()
-        register_static(self.settings.static_replicas, self.registry)
+        await self.limits.start()
+        await self.budgets.start()
+        await self.usage.start()
+        await register_static(self.settings.static_replicas, self.registry, self.upstream, self.pricing)
         if self.local is not None:
             await self.local.start()
+        if self.cost_recorder is not None:
+            await self.cost_recorder.start()
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self.auth.watch_revocations(self.settings.revocation_poll_s), name="revocations"),
             asyncio.create_task(self._sweep_retention(), name="retention"),
         ]
+        if isinstance(self.audit, AuditLog):
+            self.audit.start()
 
     async def _sweep_retention(self) -> None:
         """Delete conversations and responses past their tenant's retention, periodically."""
@@ -99,6 +151,7 @@ class Gateway:
                 deleted = await sweep_expired(self.store.engine, now=datetime.now(UTC), retention=retention)
                 if deleted:
                     log.info("retention sweep", extra={"deleted": deleted})
+                    self.audit.record("retention.sweep", actor=None, deleted=deleted)
             except SkyfleetError as exc:
                 log.warning("retention sweep failed", extra={"error_code": exc.code})
             await asyncio.sleep(self.settings.retention_sweep_interval_s)
@@ -114,6 +167,14 @@ class Gateway:
         if self.local is not None:
             await self.local.stop()
         await self.upstream.close()
+        await self.usage.close()  # every queued usage record, before the store closes (cost/metering.py)
+        if self.cost_recorder is not None:
+            await self.cost_recorder.close()  # this gateway's replica intervals end now
+        if isinstance(self.audit, AuditLog):
+            await self.audit.close()  # the last batch and key-use window, before the store closes
+        await self.limits.close()
+        await self.budgets.close()  # the last settlements, before the store closes
+        await self.auth.close()
         with contextlib.suppress(Exception):
             await self.store.close()
 

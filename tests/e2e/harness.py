@@ -88,10 +88,10 @@ class Gateway:
             return False
         return r.status_code == 200 and sum(r.json()["ready_replicas"].values()) >= replicas
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples whose labels include ``labels``."""
+    def metric(self, name: str, key: str | None = None, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include ``labels`` (read with a platform-admin ``key``)."""
         with self.http() as h:
-            text = h.get("/metrics").text
+            text = h.get("/metrics", headers={"Authorization": f"Bearer {key or self.admin_key}"}).text
         total = 0.0
         for line in text.splitlines():
             if not line.startswith(name):

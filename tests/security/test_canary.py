@@ -57,7 +57,7 @@ def test_canary_never_leaks(backend: str, tmp_path: Path, request: pytest.Fixtur
                 r = h.get(path, headers={"Authorization": f"Bearer sk-sf-{CANARY}{'x' * 31}"})
                 assert r.status_code == 401
                 error_bodies.append(r.text)
-            metrics = h.get("/metrics").text
+            metrics = h.get("/metrics", headers={"Authorization": f"Bearer {gw.admin_key}"}).text
     finally:
         assert gw.stop() == 0
     if backend == "postgresql":

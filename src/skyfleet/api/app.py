@@ -16,9 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from skyfleet.api import health
+from skyfleet.api.admin import audit as admin_audit
+from skyfleet.api.admin import budgets as admin_budgets
+from skyfleet.api.admin import costs as admin_costs
 from skyfleet.api.admin import routes as admin
 from skyfleet.api.conversations import router as conversations
-from skyfleet.api.deps import RequestIds
+from skyfleet.api.deps import RequestIds, public
 from skyfleet.api.openai import inference, models
 from skyfleet.api.openapi import build_openapi
 from skyfleet.api.responses import router as responses
@@ -81,6 +84,11 @@ class FastPath:
         self.state = app.state
         self._routes = routes
 
+    @property
+    def fast_routes(self) -> dict[tuple[str, str], Any]:
+        """(method, path) -> endpoint of the routes served here (for the authorisation matrix)."""
+        return self._routes
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         handler = self._routes.get((scope.get("method"), scope.get("path"))) if scope["type"] == "http" else None
         if handler is None:
@@ -97,6 +105,7 @@ class FastPath:
         await response(scope, receive, send)
 
 
+@public
 async def openapi_json(request: Request) -> JSONResponse:
     """GET /openapi.json: the document for this app's routes (built once)."""
     doc = getattr(request.app.state, "openapi", None)
@@ -120,7 +129,8 @@ def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> FastPath:
 
     app = Starlette(
         routes=[*inference.routes, *models.routes, *responses.routes, *conversations.routes, *health.routes,
-                *admin.routes, Route("/openapi.json", openapi_json, methods=["GET"])],
+                *admin.routes, *admin_audit.routes, *admin_budgets.routes, *admin_costs.routes,
+                Route("/openapi.json", openapi_json, methods=["GET"])],
         exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error,
                             DecryptionError: _undecryptable, Exception: _unexpected},
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics (unauthenticated, no tenant data)."""
+"""Liveness and readiness (public, no tenant data); Prometheus metrics (fleet:read: they name tenants)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from skyfleet.api.deps import gateway
+from skyfleet.api.deps import gateway, public, requires
+from skyfleet.iam.authz import Permission
 
 
+@public
 async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+@public
 async def readyz(request: Request) -> JSONResponse:
     gw = gateway(request)
     models = {m: gw.registry.ready_count(m) for m in gw.registry.models()}
@@ -23,6 +26,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+@requires(Permission.FLEET_READ)
 async def metrics(request: Request) -> Response:
     return Response(gateway(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute, Route
 
 from skyfleet.api.admin import schema as admin_schema
+from skyfleet.api.admin.budget_schema import CreateBudget, UpdateBudget
 from skyfleet.api.openai.schema import ChatCompletionRequest, CompletionRequest
 from skyfleet.api.responses.schema import CreateResponse
 
@@ -99,7 +100,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("DELETE", "/v1/conversations/{cid}/items/{item_id}"): Operation("Delete an item", "conversations"),
     ("GET", "/healthz"): Operation("Liveness", "operations", public=True, content_type="application/json"),
     ("GET", "/readyz"): Operation("Readiness: every model has a replica in routing", "operations", public=True),
-    ("GET", "/metrics"): Operation("Prometheus metrics", "operations", public=True, content_type="text/plain"),
+    ("GET", "/metrics"): Operation("Prometheus metrics (needs fleet:read: labels name tenants)", "operations",
+                                   content_type="text/plain"),
     ("GET", "/openapi.json"): Operation("This document", "operations", public=True),
     ("GET", "/admin/v1/tenants"): Operation("List tenants", "admin"),
     ("POST", "/admin/v1/tenants"): Operation("Create a tenant", "admin", _admin("CreateTenant")),
@@ -114,10 +116,34 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                                                     _admin("UpdateKey")),
     ("DELETE", "/admin/v1/keys/{key_id}"): Operation("Revoke an API key", "admin"),
     ("GET", "/admin/v1/replicas"): Operation("List replicas", "admin"),
+    ("GET", "/admin/v1/budgets"): Operation("List budgets with the current period's spend", "admin",
+                                            query=[{"name": "tenant", "in": "query", "schema": {"type": "string"}}]),
+    ("POST", "/admin/v1/budgets"): Operation("Create a budget for a tenant or an API key", "admin", CreateBudget),
+    ("PATCH", "/admin/v1/budgets/{budget_id}"): Operation("Change a budget's soft or hard limit", "admin",
+                                                          UpdateBudget),
+    ("DELETE", "/admin/v1/budgets/{budget_id}"): Operation("Delete a budget", "admin"),
     ("GET", "/admin/v1/audit"): Operation("List audit log entries", "admin", query=[
         {"name": "tenant", "in": "query", "schema": {"type": "string"}},
         {"name": "action", "in": "query", "schema": {"type": "string"}},
+        {"name": "since", "in": "query", "schema": {"type": "string"}},
+        {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]),
+    ("GET", "/admin/v1/usage"): Operation("List usage records (token counts and charges, never text)", "admin",
+                                          query=[
+        {"name": "since", "in": "query", "schema": {"type": "string"}},
+        {"name": "until", "in": "query", "schema": {"type": "string"}},
+        {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+        {"name": "model", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+        {"name": "key", "in": "query", "schema": {"type": "string", "maxLength": 80}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 64}}]),
+    ("GET", "/admin/v1/costs"): Operation("Cost report: charged, attributed and idle cost over a window", "admin",
+                                          query=[
+        {"name": "by", "in": "query",
+         "schema": {"enum": ["tenant", "model", "key", "pool", "instance-type"]}},
+        {"name": "since", "in": "query", "schema": {"type": "string"}},
+        {"name": "until", "in": "query", "schema": {"type": "string"}},
+        {"name": "tenant", "in": "query", "schema": {"type": "string"}}]),
 }
 
 

@@ -3,6 +3,10 @@
 Handlers call :meth:`Audit.record`; it never blocks and never raises (entries are queued and
 written in batches by a background task). An entry names the acting key by its id, never the key,
 token, prompt or completion.
+
+* :mod:`skyfleet.audit.chain`: the canonical entry encoding, the hash chain, verification (pure).
+* :mod:`skyfleet.audit.log`: :class:`~skyfleet.audit.log.AuditLog`, the queue and its writer.
+* :mod:`skyfleet.state.audit`: the table (append with retry on a lost race, pages, listing).
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ class Audit(Protocol):
         outcome: str = "ok",
         **detail: DetailValue,
     ) -> None:
-        """Queue one entry. ``action`` is dotted, e.g. ``tenant.create``, ``key.revoke``, ``auth.failure``."""
+        """Queue one entry. ``action`` is dotted, e.g. ``tenant.create``, ``key.revoke``, ``auth.failure``.
+
+        ``tenant_id`` is the tenant acted upon; when None, the actor's own tenant (none for a
+        platform admin). ``target`` names the object (an id); ``detail`` holds scalars only.
+        """
+        ...
+
+    def key_used(self, principal: Principal) -> None:
+        """Count one authenticated use of a key (cheap: at most one ``key.use`` entry per key per minute)."""
         ...
 
 
@@ -44,4 +56,7 @@ class DiscardAudit:
         outcome: str = "ok",
         **detail: DetailValue,
     ) -> None:
+        return None
+
+    def key_used(self, principal: Principal) -> None:
         return None

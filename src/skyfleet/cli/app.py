@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from skyfleet.cli import certs, engine, keys, sessions, tenants
+from skyfleet.cli import audit, authz, budgets, certs, engine, keyrotation, keys, sessions, tenants
+from skyfleet.cli import cost as cost_cli
 from skyfleet.cli.common import ConfigOption
 
 app = typer.Typer(
@@ -18,9 +19,14 @@ app = typer.Typer(
 )
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(keys.app, name="keys")
+keyrotation.register(keys.app)  # keys rotate-kek | rotate-dek
 app.add_typer(sessions.app, name="sessions")
 app.add_typer(certs.app, name="certs")
 app.add_typer(engine.app, name="engine")
+app.add_typer(authz.app, name="authz")
+app.add_typer(audit.app, name="audit")
+app.add_typer(budgets.app, name="budgets")
+app.add_typer(cost_cli.app, name="cost")
 
 
 @app.command("serve")

@@ -39,9 +39,9 @@ def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]], *, w
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         provider = None
         if with_keys:
-            from skyfleet.crypto import LocalKeyProvider
+            from skyfleet.crypto import open_key_provider
 
-            provider = await asyncio.to_thread(LocalKeyProvider.open, settings.key_path)
+            provider = await asyncio.to_thread(open_key_provider, settings)
         store = await Store.open(settings.database_url_value, key_provider=provider)
         try:
             return await fn(store)
@@ -53,6 +53,9 @@ def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]], *, w
     except SkyfleetError as exc:
         typer.echo(f"skyfleet: {exc.message}", err=True)
         raise typer.Exit(1) from None
+    except ConfigError as exc:  # e.g. the key provider's settings or key file
+        typer.echo(f"skyfleet: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def echo_json(data: Any) -> None:

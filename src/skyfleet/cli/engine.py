@@ -42,6 +42,10 @@ def sim(
     paced: Annotated[str | None, typer.Option(
         help="Fixed timing 'TTFT_S,TPOT_S' regardless of load, e.g. '0.05,0.01'.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always generate exactly max_tokens.")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(
+        help="Require client certificates signed by this CA (mTLS); needs --tls-cert.")] = None,
 ) -> None:
     """A simulated OpenAI-compatible engine with realistic timing and vLLM-named metrics."""
     import dataclasses
@@ -60,4 +64,8 @@ def sim(
         prof = SimProfile.fast() if fast else SimProfile()
     if ignore_eos:
         prof = dataclasses.replace(prof, ignore_eos=True)
-    run(host=host, port=port, profile=prof, model=model, fast=fast)
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together; --tls-client-ca needs them",
+                                 param_hint="--tls-cert")
+    run(host=host, port=port, profile=prof, model=model, fast=fast, tls_cert=tls_cert, tls_key=tls_key,
+        tls_client_ca=tls_client_ca)

@@ -18,7 +18,7 @@ import uvicorn
 from skyfleet.api.app import build_app
 from skyfleet.api.protocol import bounded_protocol
 from skyfleet.cli.common import settings_or_exit
-from skyfleet.config import Settings
+from skyfleet.config import ConfigError, Settings
 from skyfleet.errors import SkyfleetError
 from skyfleet.observability.logging import configure_logging
 from skyfleet.runtime import Gateway
@@ -135,5 +135,8 @@ def serve(*, host: str | None, port: int | None, replicas: int | None, config: P
     except SkyfleetError as exc:
         typer.echo(f"skyfleet: {exc.message}", err=True)
         raise typer.Exit(1) from None
+    except ConfigError as exc:  # found at start-up (e.g. a TLS file that does not load)
+        typer.echo(f"skyfleet: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         pass

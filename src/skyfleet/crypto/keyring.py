@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from datetime import datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import delete, select
@@ -10,12 +11,13 @@ from sqlalchemy import delete, select
 from skyfleet.clock import Clock
 from skyfleet.crypto.cipher import KEY_BYTES
 from skyfleet.crypto.errors import DecryptionError
-from skyfleet.crypto.provider import KeyProvider
+from skyfleet.crypto.providers.base import KeyProvider
 from skyfleet.errors import ConflictError, NotFoundError, ServiceUnavailableError
 from skyfleet.state.access import Database, SessionSource, wall_time
 from skyfleet.state.models import Tenant, TenantKey
 
 _CREATE_ATTEMPTS = 5
+DEFAULT_CURRENT_TTL_S = 5.0
 
 
 class TenantKeyring:
@@ -25,6 +27,10 @@ class TenantKeyring:
     (primary key ``(tenant_id, version)``; the loser of a race re-reads the winner's key). A
     :meth:`shred` in another process takes effect here when the cache entries expire
     (``cache_ttl_s``); in this process at once.
+
+    Which version is *current* (the one new records are sealed with) is re-read from the database
+    every ``current_ttl_s`` (one indexed query per tenant, no provider call while the DEK itself is
+    cached), so a :meth:`rotate` in another process is followed within seconds.
     """
 
     def __init__(
@@ -35,29 +41,42 @@ class TenantKeyring:
         *,
         cache_ttl_s: float = 300.0,
         max_cached: int = 10_000,
+        current_ttl_s: float | None = None,
     ) -> None:
-        if cache_ttl_s < 0 or max_cached < 0:
-            raise ValueError("cache_ttl_s and max_cached must not be negative")
+        if cache_ttl_s < 0 or max_cached < 0 or (current_ttl_s is not None and current_ttl_s < 0):
+            raise ValueError("cache_ttl_s, current_ttl_s and max_cached must not be negative")
         self._db = Database(store_engine_or_session_factory)
         self.provider = provider
         self._clock = clock
         self._ttl = cache_ttl_s
+        #: How long "version N is current" is believed: at most 5 s, never longer than the DEK cache.
+        self.current_ttl_s = min(cache_ttl_s, DEFAULT_CURRENT_TTL_S) if current_ttl_s is None else current_ttl_s
         self._max = max_cached
         self._keys: OrderedDict[tuple[str, int], tuple[bytes, float]] = OrderedDict()
         self._current: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     # -- public --
 
-    async def data_key(self, tenant_id: str) -> tuple[int, bytes]:
-        """The tenant's current (newest) DEK and its version; created on first use."""
-        version = self._cached_current(tenant_id)
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    async def data_key(self, tenant_id: str, *, fresh: bool = False) -> tuple[int, bytes]:
+        """The tenant's current (newest) DEK and its version; created on first use.
+
+        ``fresh``: ask the database which version is current, whatever the cache believes.
+        """
+        version = None if fresh else self._cached_current(tenant_id)
         if version is not None and (dek := self._cached_key(tenant_id, version)) is not None:
             return version, dek
         for _ in range(_CREATE_ATTEMPTS):
             row = await self._latest(tenant_id)
             if row is not None:
-                dek = await self._unwrap(row)
-                self._remember(tenant_id, row.version, dek, current=True)
+                dek = self._cached_key(tenant_id, row.version)
+                if dek is None:  # the DEK's own cache entry keeps its expiry: shreds elsewhere still land
+                    dek = await self._unwrap(row)
+                    self._remember(tenant_id, row.version, dek, current=False)
+                self._set_current(tenant_id, row.version, force=fresh)
                 return row.version, dek
             dek = await self._create(tenant_id, 1)
             if dek is not None:
@@ -84,6 +103,39 @@ class TenantKeyring:
             if await self._create(tenant_id, version) is not None:
                 return version
         raise ServiceUnavailableError("could not rotate the tenant's data key")
+
+    async def versions(self, tenant_id: str) -> list[int]:
+        """The tenant's DEK versions in the database, oldest first."""
+        stmt = select(TenantKey.version).where(TenantKey.tenant_id == tenant_id).order_by(TenantKey.version)
+        async with self._db.session() as session:
+            return list((await session.execute(stmt)).scalars().all())
+
+    async def created_at(self, tenant_id: str, version: int) -> datetime | None:
+        """When the tenant's DEK ``version`` was created (None if there is no such version)."""
+        async with self._db.session() as session:
+            row = await session.get(TenantKey, (tenant_id, version))
+        return None if row is None else row.created_at
+
+    async def retire(self, tenant_id: str, *, below: int) -> list[int]:
+        """Destroy the tenant's DEK versions older than ``below`` (their wrapped rows); which were deleted.
+
+        Records still sealed with them no longer open: call this only once none is left (see
+        :func:`skyfleet.state.reencrypt.rotate_dek`). A copy of the database (a backup) still holds
+        the wrapped DEKs, and the KEK still unwraps them: only :meth:`shred` makes backups useless.
+        """
+        async with self._db.session(write=True) as session:
+            deleted = (
+                await session.execute(
+                    delete(TenantKey)
+                    .where(TenantKey.tenant_id == tenant_id, TenantKey.version < below)
+                    .returning(TenantKey.version)
+                )
+            ).scalars().all()
+        for version in deleted:
+            self._keys.pop((tenant_id, version), None)
+        if (current := self._current.get(tenant_id)) is not None and current[0] < below:
+            del self._current[tenant_id]
+        return sorted(deleted)
 
     async def shred(self, tenant_id: str) -> None:
         """Crypto-shred the tenant: its KEK material at the provider, then every wrapped DEK row.
@@ -174,15 +226,19 @@ class TenantKeyring:
     def _remember(self, tenant_id: str, version: int, dek: bytes, *, current: bool) -> None:
         if self._max == 0 or self._ttl == 0:
             return
-        expires = self._clock.now() + self._ttl
-        self._keys[(tenant_id, version)] = (dek, expires)
+        self._keys[(tenant_id, version)] = (dek, self._clock.now() + self._ttl)
         self._keys.move_to_end((tenant_id, version))
         while len(self._keys) > self._max:
             self._keys.popitem(last=False)
         if current:
-            known = self._cached_current(tenant_id)
-            if known is None or known <= version:
-                self._current[tenant_id] = (version, expires)
-                self._current.move_to_end(tenant_id)
-            while len(self._current) > self._max:
-                self._current.popitem(last=False)
+            self._set_current(tenant_id, version)
+
+    def _set_current(self, tenant_id: str, version: int, *, force: bool = False) -> None:
+        if self._max == 0 or self._ttl == 0 or self.current_ttl_s == 0:
+            return
+        known = self._cached_current(tenant_id)
+        if force or known is None or known <= version:
+            self._current[tenant_id] = (version, self._clock.now() + self.current_ttl_s)
+            self._current.move_to_end(tenant_id)
+        while len(self._current) > self._max:
+            self._current.popitem(last=False)

@@ -17,8 +17,19 @@ the request's (tenant, session) and to say which extra body fields pin the reque
   waits here for one (llama.cpp would queue it anyway), so the slot table always matches what
   each slot really holds.
 
+This needs llama.cpp's cross-slot host-memory prompt cache off (``--cache-ram 0``; the local
+provider's replicas run that way, see :mod:`skyfleet.engines.llamacpp`): with it, llama.cpp copies
+idle slots to RAM and loads them into *any* slot whose prompt matches, whatever the slot table says.
+
+Without the slot manager (``local.kv_slot_manager: false``) :class:`SoleTenantCache` stands in:
+llama.cpp then picks slots by prompt similarity, blind to tenants, so a replica keeps its prompt
+cache only while a single tenant uses it; once a second tenant's request reaches it, every request
+to it goes with ``cache_prompt: false`` (nothing reused, so no cross-tenant timing signal) until the
+replica restarts with empty caches. Single-tenant set-ups keep llama.cpp's caching.
+
 vLLM/SGLang manage their prefix caches themselves (and LMCache-style offload would implement this
-protocol by mapping sessions to its storage keys); for them :class:`NoKvState` adds nothing.
+protocol by mapping sessions to its storage keys); for them :class:`NoKvState` adds nothing: the
+proxy isolates tenants there with a per-tenant ``cache_salt`` (:mod:`skyfleet.gateway.cache_salt`).
 """
 
 from __future__ import annotations
@@ -231,6 +242,35 @@ class LlamaSlots:
                 if not slot.busy and slot.owner is not None and slot.owner[1] is not None:
                     saved += await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
         return saved
+
+
+_SHARED = "\x00shared"  # no tenant id contains NUL
+_NO_PROMPT_CACHE = KvLease({"cache_prompt": False}, _noop)
+
+
+class SoleTenantCache:
+    """llama.cpp without the slot manager: prompt reuse only while one tenant has used the replica."""
+
+    def __init__(self) -> None:
+        self._tenant: dict[str, str] = {}  # replica id -> its only tenant so far, or _SHARED
+        self.stats = {"uncached": 0}
+
+    async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease:
+        sole = self._tenant.setdefault(spec.id, tenant_id)  # no await: atomic on the loop
+        if sole == tenant_id:
+            return NO_LEASE
+        if sole != _SHARED:
+            self._tenant[spec.id] = _SHARED
+            log.info("a second tenant reached a llama.cpp replica without the slot manager: its prompt cache "
+                     "is off until it restarts", extra={"replica_id": spec.id})
+        self.stats["uncached"] += 1
+        return _NO_PROMPT_CACHE
+
+    def replica_gone(self, replica_id: str) -> None:
+        self._tenant.pop(replica_id, None)  # a restarted replica starts with empty caches
+
+    async def evacuate(self, spec: ReplicaSpec) -> int:
+        return 0
 
 
 class KvRouter:

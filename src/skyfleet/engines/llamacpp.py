@@ -68,6 +68,12 @@ def _params(args: LlamaReplicaArgs):  # -> xllamacpp.CommonParams
     p.endpoint_metrics = True
     p.endpoint_slots = True
     p.cache_prompt = True
+    # No host-memory prompt cache: llama.cpp would move prompts out of slots into RAM and load them
+    # into ANY slot whose new prompt matches, behind the slot manager's back, so one tenant could be
+    # served another's cached prompt (a timing side channel). Slots are saved to disk per (tenant,
+    # session) by the gateway instead (engines/kvstate.py).
+    p.cache_ram_mib = 0
+    p.cache_idle_slots = False
     if args.slot_dir is not None:
         args.slot_dir.mkdir(parents=True, exist_ok=True)
         p.slot_save_path = str(args.slot_dir) + os.sep

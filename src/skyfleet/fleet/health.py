@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from skyfleet.engines.metrics import EngineMetrics, MetricsParseError, parse_metrics
 from skyfleet.fleet.registry import ReplicaEntry, ReplicaRegistry
@@ -29,6 +30,8 @@ class HealthChecker:
         self._upstream = upstream
         self._interval_s = interval_s
         self._scrape_every = scrape_every
+        #: Called with (replica id, parsed metrics) after each successful scrape (e.g. utilisation samples).
+        self.on_scrape: list[Callable[[str, EngineMetrics], None]] = []
 
     async def scrape_once(self) -> None:
         entries = [e for e in self._registry.entries.values() if e.state == ReplicaState.READY]
@@ -43,6 +46,8 @@ class HealthChecker:
             entry.engine_running = m.requests_running
             entry.engine_waiting = m.requests_waiting
             entry.kv_cache_usage = m.kv_cache_usage
+            for callback in self.on_scrape:
+                callback(entry.spec.id, m)
 
     @staticmethod
     def _parse(entry: ReplicaEntry, text: str) -> EngineMetrics | None:

@@ -25,7 +25,10 @@ class ReplicaSpec:
     upstream_model: str  # name the engine expects in the body
     context_window: int | None = None
     pool: str = "local"
-    tier: str = "local"  # spot | on-demand | reserved | local
+    tier: str = "local"  # spot | on-demand | reserved | api | local (external: unpriced static replica)
+    instance_type: str | None = None  # cloud instance type (cost catalog), if known
+    region: str | None = None  # cloud region, if known
+    usd_per_hour: float | None = None  # price of the replica (None: unpriced, or API-priced per token)
     api_key: str | None = field(default=None, repr=False)
 
     @property

@@ -6,6 +6,10 @@
 * Revocation reaches every gateway within about one second: each gateway polls the store for
   keys revoked since its last look (every ``revocation_poll_s``) and evicts them; the gateway
   that revokes evicts at once. Key expiry is checked on every use.
+* A key with a CIDR allow-list is refused (the same opaque error) from any other client address;
+  see :mod:`skyfleet.iam.cidr` for how the address is found behind trusted proxies.
+* Anything that is not shaped like a key is tried as an OIDC JWT when OIDC is configured
+  (:mod:`skyfleet.iam.oidc`).
 * Every failure is the same opaque :class:`AuthenticationError` (fail closed).
 """
 
@@ -15,16 +19,22 @@ import asyncio
 import hmac
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import SecretStr
 
 from skyfleet.clock import Clock
 from skyfleet.errors import AuthenticationError
 from skyfleet.iam.apikeys import hash_key, looks_like_key
+from skyfleet.iam.cidr import IPNetwork, admitted, client_address, parse_networks
 from skyfleet.iam.principal import PLATFORM_ADMIN, Principal
 from skyfleet.state.repositories import Credential
+
+if TYPE_CHECKING:
+    from skyfleet.iam.oidc import OidcVerifier
 
 log = logging.getLogger("skyfleet.auth")
 
@@ -38,8 +48,33 @@ class CredentialLookup(Protocol):
     async def revoked_since(self, since: datetime) -> list[str]: ...
 
 
+#: Longest Authorization header accepted (a JWT with a few claims fits; a key needs ~60).
+MAX_HEADER_LENGTH = 8192
+_BOOTSTRAP = Principal(tenant_id="_platform", tenant_name="_platform", role=PLATFORM_ADMIN, key_id="bootstrap")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A cached, looked-up key: its Principal and what is checked on every use."""
+
+    principal: Principal
+    #: Wall-clock expiry (Unix seconds); None: never.
+    expires_at: float | None
+    networks: tuple[IPNetwork, ...] | None
+    cached_until: float
+
+
+def principal_of(cred: Credential) -> Principal:
+    return Principal(
+        tenant_id=cred.tenant_id, tenant_name=cred.tenant_name, role=cred.role, key_id=cred.key_id,
+        models=cred.models, rpm_limit=cred.rpm_limit, tpm_limit=cred.tpm_limit,
+        tenant_rpm_limit=cred.tenant_rpm_limit, tenant_tpm_limit=cred.tenant_tpm_limit,
+        share_public_prefix=cred.share_public_prefix,
+    )
+
+
 def _bearer(header: str | None) -> str:
-    if not header or len(header) > 512:
+    if not header or len(header) > MAX_HEADER_LENGTH:
         raise AuthenticationError()
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer":
@@ -56,25 +91,44 @@ class Authenticator:
         ttl_s: float,
         admin_key: SecretStr | None = None,
         max_entries: int = 100_000,
+        trusted_proxies: Sequence[IPNetwork] = (),
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self._keys = keys
         self._clock = clock
         self._ttl_s = ttl_s
         self._max = max_entries
-        self._cache: OrderedDict[str, tuple[Credential, float]] = OrderedDict()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._admin_hash = hash_key(admin_key.get_secret_value()) if admin_key else None
+        self._trusted = parse_networks(str(n) for n in trusted_proxies)
+        self._oidc = oidc
 
-    async def authenticate(self, header: str | None) -> Principal:
+    async def close(self) -> None:
+        if self._oidc is not None:
+            await self._oidc.close()
+
+    async def authenticate(
+        self, header: str | None, *, peer: str | None = None, forwarded_for: str | None = None
+    ) -> Principal:
+        """The caller of a request with this Authorization header, from TCP peer ``peer``.
+
+        ``forwarded_for`` (X-Forwarded-For) is only believed from a trusted proxy.
+        """
         token = _bearer(header)
         if not looks_like_key(token):
+            if self._oidc is not None:
+                from skyfleet.iam.oidc import looks_like_jwt
+
+                if looks_like_jwt(token):
+                    return await self._oidc.verify(token)
             raise AuthenticationError()
         digest = hash_key(token)
         if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
-            return Principal(tenant_id="_platform", tenant_name="_platform", role=PLATFORM_ADMIN, key_id="bootstrap")
+            return _BOOTSTRAP
         now = self._clock.now()
-        cred = self._cached(digest, now)
-        if cred is None:
+        entry = self._cached(digest, now)
+        if entry is None:
             neg = self._negative.get(digest)
             if neg is not None and neg > now:
                 raise AuthenticationError()
@@ -82,21 +136,30 @@ class Authenticator:
             if cred is None:
                 self._remember_negative(digest, now)
                 raise AuthenticationError()
-            self._cache[digest] = (cred, now + self._ttl_s)
+            entry = _Entry(
+                principal_of(cred),
+                cred.expires_at.timestamp() if cred.expires_at is not None else None,
+                parse_networks(cred.cidrs) if cred.cidrs is not None else None,
+                now + self._ttl_s,
+            )
+            self._cache[digest] = entry
             if len(self._cache) > self._max:
                 self._cache.popitem(last=False)
-        if cred.expires_at is not None and cred.expires_at <= datetime.now(UTC):
+        if entry.expires_at is not None and entry.expires_at <= self._clock.wall():
             raise AuthenticationError()
-        return Principal(tenant_id=cred.tenant_id, tenant_name=cred.tenant_name, role=cred.role, key_id=cred.key_id)
+        if entry.networks is not None and not admitted(client_address(peer, forwarded_for, self._trusted),
+                                                       entry.networks):
+            raise AuthenticationError()
+        return entry.principal
 
-    def _cached(self, digest: str, now: float) -> Credential | None:
+    def _cached(self, digest: str, now: float) -> _Entry | None:
         hit = self._cache.get(digest)
         if hit is None:
             return None
-        if hit[1] <= now:
+        if hit.cached_until <= now:
             del self._cache[digest]
             return None
-        return hit[0]
+        return hit
 
     def _remember_negative(self, digest: str, now: float) -> None:
         self._negative[digest] = now + _NEGATIVE_TTL_S
@@ -109,6 +172,20 @@ class Authenticator:
 
     def evict_all(self) -> None:
         self._cache.clear()
+        if self._oidc is not None:
+            self._oidc.evict(lambda p: True)
+
+    def evict_key(self, key_id: str) -> None:
+        """Forget one key (after an admin changed it); a scan, for rare admin actions only."""
+        for digest in [d for d, e in self._cache.items() if e.principal.key_id == key_id]:
+            del self._cache[digest]
+
+    def evict_tenant(self, tenant_id: str) -> None:
+        """Forget every cached credential of a tenant (its limits changed, or it was deleted)."""
+        for digest in [d for d, e in self._cache.items() if e.principal.tenant_id == tenant_id]:
+            del self._cache[digest]
+        if self._oidc is not None:
+            self._oidc.evict(lambda p: p.tenant_id == tenant_id)
 
     async def watch_revocations(self, interval_s: float) -> None:
         """Poll the store for revoked keys forever (run as a background task)."""

@@ -6,6 +6,9 @@
 * Usage is always requested from the engine (``stream_options.include_usage``) so that every
   request is metered; whoever consumes the stream decides whether the client sees that chunk.
 * Every request ends in exactly one :class:`RequestRecord` for the observer (metrics, metering).
+* Prefix-cache isolation: a client's ``cache_salt`` is always dropped; replicas whose engine takes
+  one (vLLM, SGLang) get the tenant's (:mod:`skyfleet.gateway.cache_salt`), added while the body
+  is serialised, so the parsed payload is never copied or re-parsed for it.
 
 Consumers: :mod:`skyfleet.gateway.relay` relays chat/completions streams as they are; the
 Responses API service reads the same :class:`UpstreamStream` and re-shapes its events.
@@ -24,6 +27,8 @@ from skyfleet.engines.kvstate import NO_LEASE, KvLease, KvRouter
 from skyfleet.errors import NoReplicaAvailableError, SkyfleetError, UpstreamError, from_upstream
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec
+from skyfleet.gateway import cache_salt
+from skyfleet.gateway.cache_salt import CacheSalter
 from skyfleet.gateway.context import RequestContext, RequestObserver, RequestRecord
 from skyfleet.gateway.upstream import SSEStream, UpstreamClient
 from skyfleet.routing.policy import RouteRequest, RoutingPolicy
@@ -32,12 +37,20 @@ DONE = b"data: [DONE]"
 
 
 def usage_of(obj: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(prompt, completion, cached) tokens from an OpenAI object's ``usage``, if present."""
+    """(prompt, completion, cached) tokens from an OpenAI object's ``usage``, if present.
+
+    Cached tokens: ``usage.prompt_tokens_details.cached_tokens`` (OpenAI, vLLM, SGLang, llama.cpp
+    since late 2025), else llama.cpp's own ``timings.cache_n`` (older builds).
+    """
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        cached = details.get("cached_tokens", 0)
+    else:
+        timings = obj.get("timings")
+        cached = timings.get("cache_n", 0) if isinstance(timings, dict) else 0
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached or 0)
 
 
@@ -57,6 +70,7 @@ class Proxy:
         upstream: UpstreamClient,
         clock: Clock,
         observer: RequestObserver,
+        salter: CacheSalter,
         kv: KvRouter | None = None,
     ) -> None:
         self._registry = registry
@@ -64,6 +78,7 @@ class Proxy:
         self._upstream = upstream
         self._clock = clock
         self._observer = observer
+        self._salter = salter
         self._kv = kv or KvRouter({})
 
     # -- shared -----------------------------------------------------------------------------
@@ -79,22 +94,35 @@ class Proxy:
         self._observer.on_finish(RequestRecord(
             request_id=ctx.request_id, tenant_id=p.tenant_id, tenant_name=p.tenant_name, key_id=p.key_id,
             model=ctx.model, route=ctx.route, stream=ctx.stream, started_wall=ctx.started_wall,
-            duration_s=self._clock.now() - ctx.started, **fields,
+            duration_s=self._clock.now() - ctx.started, admission=ctx.admission, reservation=ctx.reservation,
+            **fields,
         ))
 
     def _no_replica(self, ctx: RequestContext) -> SkyfleetError:
         return NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
 
-    @staticmethod
-    def _body_for(spec: ReplicaSpec, payload: dict[str, Any], lease: KvLease) -> bytes:
+    def _body_for(self, ctx: RequestContext, spec: ReplicaSpec, payload: dict[str, Any], lease: KvLease) -> bytes:
+        """The body for ``spec``: its model name, the KV lease's fields, the tenant's cache salt if it takes one.
+
+        ``payload`` no longer holds a client ``cache_salt`` (see :meth:`_strip`)."""
         payload["model"] = spec.upstream_model
-        return orjson.dumps({**payload, **lease.fields} if lease.fields else payload)
+        extra = lease.fields
+        if spec.engine in cache_salt.SALTED_ENGINES:
+            salt = self._salter.salt_for(ctx.principal)
+            extra = {**extra, cache_salt.FIELD: salt} if extra else {cache_salt.FIELD: salt}
+        return orjson.dumps({**payload, **extra} if extra else payload)
+
+    @staticmethod
+    def _strip(payload: dict[str, Any]) -> None:
+        """Drop client-chosen fields the gateway owns: a client salt could join another tenant's cache."""
+        payload.pop(cache_salt.FIELD, None)
 
     async def _lease(self, ctx: RequestContext, spec: ReplicaSpec) -> KvLease:
         return await self._kv.acquire(spec, ctx.principal.tenant_id, ctx.session_key)
 
     # -- non-streaming ----------------------------------------------------------------------
     async def unary(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UnaryReply:
+        self._strip(payload)
         exclude: frozenset[str] = frozenset()
         last = self._no_replica(ctx)
         for attempt in (1, 2):
@@ -105,7 +133,7 @@ class Proxy:
             lease, ok = NO_LEASE, False
             try:
                 lease = await self._lease(ctx, spec)
-                reply = await self._upstream.post_json(spec, path, self._body_for(spec, payload, lease))
+                reply = await self._upstream.post_json(spec, path, self._body_for(ctx, spec, payload, lease))
                 ok = reply.status < 400
             except UpstreamError as exc:
                 if not exc.retryable:
@@ -145,6 +173,7 @@ class Proxy:
     # -- streaming --------------------------------------------------------------------------
     async def open_stream(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UpstreamStream:
         """Open a stream and read its first event, retrying once elsewhere if that fails."""
+        self._strip(payload)
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         exclude: frozenset[str] = frozenset()
         last = self._no_replica(ctx)
@@ -155,9 +184,11 @@ class Proxy:
             self._registry.acquire(spec.id)
             lease = NO_LEASE
             opened: SSEStream | None = None
+            body = b""
             try:
                 lease = await self._lease(ctx, spec)
-                reply = await self._upstream.open_stream(spec, path, self._body_for(spec, payload, lease))
+                body = self._body_for(ctx, spec, payload, lease)
+                reply = await self._upstream.open_stream(spec, path, body)
                 if not isinstance(reply, SSEStream):
                     err = from_upstream(reply.status, reply.body)
                     if reply.status >= 500:
@@ -188,16 +219,19 @@ class Proxy:
                 if opened is not None:
                     opened.close()
                 raise
-            return UpstreamStream(self, ctx, spec, opened, events, first, attempt, lease)
+            stream = UpstreamStream(self, ctx, spec, opened, events, first, attempt, lease)
+            stream.prompt_estimate = len(body) // 4  # billed if the stream ends without the engine's usage
+            return stream
         self.record(ctx, status="failed", http_status=last.status, error_code=last.code, attempts=len(exclude) or 1)
         raise last
 
     def _finish_stream(self, s: UpstreamStream, status: str, error: SkyfleetError | None) -> None:
         self._registry.release(s.spec.id)
         s.lease.release(status == "completed")
-        # Without the engine's usage chunk (the client left early) count the content events:
-        # engines send one event per generated token.
-        p, c, k = s.usage if s.usage is not None else (0, s.content_events, 0)
+        # Without the engine's usage chunk (the client left early) the completion tokens are the token
+        # events received (engines stream one token per event; see count_content), and the prompt is
+        # estimated from the body's size (about 4 bytes a token): it was prefilled all the same.
+        p, c, k = s.usage if s.usage is not None else (s.prompt_estimate, s.content_events, 0)
         self.record(s.ctx, status=status, http_status=200, replica_id=s.spec.id, prompt_tokens=p,
                     completion_tokens=c, cached_tokens=k, ttft_s=s.ttft_s, attempts=s.attempt,
                     error_code=error.code if error else None)
@@ -211,7 +245,7 @@ class UpstreamStream:
     """
 
     __slots__ = ("_events", "_finished", "_first", "_proxy", "_stream", "attempt", "content_events", "ctx", "lease",
-                 "spec", "ttft_s", "usage")
+                 "prompt_estimate", "spec", "ttft_s", "usage")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, spec: ReplicaSpec, stream: SSEStream,
                  events: AsyncIterator[bytes], first: bytes, attempt: int, lease: KvLease) -> None:
@@ -226,6 +260,7 @@ class UpstreamStream:
         self.attempt = attempt
         self.usage: tuple[int, int, int] | None = None
         self.content_events = 0
+        self.prompt_estimate = 0
         self.ttft_s: float | None = proxy._clock.now() - ctx.started
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -249,6 +284,12 @@ class UpstreamStream:
         if usage is not None:
             self.usage = usage
         return True
+
+    def count_content(self, ev: bytes) -> None:
+        """Count ``ev`` if it carries a generated token: not the opening role chunk (``"content":null``
+        or ``""``) nor a closing chunk with an empty delta (``{}``, ``"text":""``)."""
+        if not (b'"content":null' in ev or b'"delta":{}' in ev or b'"content":""' in ev or b'"text":""' in ev):
+            self.content_events += 1
 
     def finish(self, status: str, error: SkyfleetError | None = None) -> None:
         if not self._finished:

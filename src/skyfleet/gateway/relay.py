@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from skyfleet.errors import SkyfleetError
 from skyfleet.gateway.proxy import DONE, UpstreamStream
 
+if TYPE_CHECKING:
+    from skyfleet.gateway.ratelimit import Admission
+
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
-def sse_headers(request_id: str) -> list[tuple[bytes, bytes]]:
-    return [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]
+def sse_headers(request_id: str, admission: Admission | None = None) -> list[tuple[bytes, bytes]]:
+    """The stream's headers; with the rate limiter's x-ratelimit-* when a limit applies."""
+    headers = [*_SSE_HEADERS, (b"x-request-id", request_id.encode())]
+    return headers + admission.raw_headers() if admission is not None else headers
 
 
 async def until_disconnect(receive: Any, work: Awaitable[None]) -> bool:
@@ -71,7 +76,8 @@ class StreamRelay:
         s = self._s
         rewrite = self._rewrite()
         include_usage = s.ctx.include_usage
-        await send({"type": "http.response.start", "status": 200, "headers": sse_headers(s.ctx.request_id)})
+        headers = sse_headers(s.ctx.request_id, s.ctx.admission)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         error: SkyfleetError | None = None
         try:
             async for ev in s:
@@ -82,7 +88,7 @@ class StreamRelay:
                         continue
                     body = rewrite(ev) if rewrite else ev
                 else:
-                    s.content_events += 1
+                    s.count_content(ev)  # the tokens generated, billed if the client leaves before the usage
                     body = rewrite(ev) if rewrite else ev
                 await send({"type": "http.response.body", "body": body + b"\n\n", "more_body": True})
         except SkyfleetError as exc:

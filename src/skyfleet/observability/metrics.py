@@ -2,15 +2,25 @@
 
 Label cardinality is bounded: ``tenant`` takes at most ``max_tenants`` distinct values (later
 ones are reported as ``other``); ``model`` comes from the configured model list only.
+
+Cost metrics use OpenCost's label names where they mean the same thing: a replica's machine is a
+``node`` with its ``instance_type`` and ``region`` (as in OpenCost's ``node_total_hourly_cost``);
+``tier`` plays the part of OpenCost's spot flag (``kubecost_node_is_spot``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaState
 from skyfleet.gateway.context import RequestRecord
+
+if TYPE_CHECKING:
+    from skyfleet.cost.pricing import ReplicaCost
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -69,6 +79,20 @@ class GatewayMetrics:
             "skyfleet_replicas", "Replicas by model and state.", ["model", "state"], registry=r
         )
         self.inflight = Gauge("skyfleet_inflight_requests", "Requests in flight to replicas.", registry=r)
+        # -- cost (cost/metering.py, cost/pricing.py) --
+        self.cost_usd = Counter(
+            "skyfleet_cost_usd", "Charged cost of finished requests in USD (usage_records.charged_usd_micros).",
+            ["tenant", "model"], registry=r)
+        self.pool_cost_per_hour = Gauge(
+            "skyfleet_pool_cost_usd_per_hour", "Hourly price of the replicas this gateway routes to, per pool.",
+            ["pool"], registry=r)
+        self.replica_cost_per_hour = Gauge(
+            "skyfleet_replica_cost_usd_per_hour", "Hourly price of one replica (like OpenCost's "
+            "node_total_hourly_cost).", ["node", "pool", "instance_type", "region", "tier"], registry=r)
+        self.usage_dropped = Counter(
+            "skyfleet_usage_dropped", "Usage records dropped because the metering queue was full.", registry=r)
+        self.usage_write_errors = Counter(
+            "skyfleet_usage_write_errors", "Failed writes of a usage batch (retried).", registry=r)
 
     def on_finish(self, rec: RequestRecord) -> None:
         tenant = self._tenant(rec.tenant_name)
@@ -84,6 +108,21 @@ class GatewayMetrics:
         self.latency.labels(rec.model, rec.route).observe(rec.duration_s)
         if rec.attempts > 1:
             self.retries.inc()
+
+    def observe_charge(self, rec: RequestRecord, micros: int) -> None:
+        """A request's charged cost (called by the metering when it prices the record)."""
+        self.cost_usd.labels(self._tenant(rec.tenant_name), rec.model).inc(micros / 1e6)
+
+    def set_prices(self, costs: Iterable[ReplicaCost]) -> None:
+        """The hourly price of each replica and pool (set once at start; prices are fixed by the settings)."""
+        pools: dict[str, float] = {}
+        for c in costs:
+            usd = c.usd_per_hour or 0.0
+            pools[c.pool] = pools.get(c.pool, 0.0) + usd
+            self.replica_cost_per_hour.labels(c.replica_id, c.pool, c.instance_type or "", c.region or "",
+                                              c.tier).set(usd)
+        for pool, usd in pools.items():
+            self.pool_cost_per_hour.labels(pool).set(usd)
 
     def render(self) -> bytes:
         counts: dict[tuple[str, str], int] = {}

@@ -55,6 +55,7 @@ __all__ = [
     "affinity_hash",
     "prefix_key",
     "prefix_key_from_text",
+    "prefix_partition",
 ]
 
 DEFAULT_LOAD_FACTOR = 1.25
@@ -206,7 +207,9 @@ class PrefixAffinity(SessionAffinity):
     :meth:`key_for_text`. Requests that share that prefix (the turns of one conversation, the
     questions about one document) land on the replica that already holds its KV cache, unless
     it is over the load bound. ``choose`` mixes in ``tenant_id``, so two tenants sending the
-    same document are placed independently and never share a cache by construction.
+    same document are placed independently and never share a cache by construction. Pass
+    :func:`prefix_partition` as the tenant: tenants that opted in to sharing public prefixes
+    (whose engines also get one shared cache salt) then share one partition, among themselves only.
     """
 
     __slots__ = ("prefix_blocks", "skip_blocks")
@@ -229,6 +232,16 @@ class PrefixAffinity(SessionAffinity):
 
     def key_for_text(self, text: str, block_chars: int = 2048) -> str | None:
         return prefix_key_from_text(text, self.prefix_blocks, block_chars, self.skip_blocks * block_chars)
+
+
+#: The routing partition of every tenant that opted in to sharing public prefixes (no tenant id has a NUL).
+PUBLIC_PREFIX_PARTITION = "\x00public-prefix"
+
+
+def prefix_partition(tenant_id: str, share_public_prefix: bool = False) -> str:
+    """The ``tenant_id`` to route a prompt-prefix key under: the tenant's own partition, or the one
+    that all tenants with ``share_public_prefix`` share (they share a cache salt too)."""
+    return PUBLIC_PREFIX_PARTITION if share_public_prefix else tenant_id
 
 
 def _block_bytes(block: object) -> bytes:

@@ -104,6 +104,8 @@ class Tenant(Base):
     tpm_limit: Mapped[int | None] = mapped_column(Integer())
     #: Opted in to sharing the public (system-prompt) prefix cache with other opted-in tenants.
     share_public_prefix: Mapped[bool] = mapped_column(Boolean(), server_default=text("false"))
+    #: Last change of limits or settings (gateways drop cached credentials of changed tenants).
+    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
 class ApiKey(Base):
@@ -129,6 +131,8 @@ class ApiKey(Base):
     #: Per-key requests and tokens per minute; NULL: only the tenant's limits apply.
     rpm_limit: Mapped[int | None] = mapped_column(Integer())
     tpm_limit: Mapped[int | None] = mapped_column(Integer())
+    #: Last change of role, restrictions or limits (gateways drop the cached credential).
+    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
 class AuditEntry(Base):
@@ -308,3 +312,51 @@ class ReplicaSample(Base):
     kv_cache_usage: Mapped[float | None] = mapped_column(Float())
     busy_fraction: Mapped[float | None] = mapped_column(Float())
     tokens_per_s: Mapped[float | None] = mapped_column(Float())
+
+
+# Budgets (migration 0005). Limits and counters in integer micro-dollars; see skyfleet.cost.budgets.
+
+
+class Budget(Base):
+    __tablename__ = "budgets"
+    __table_args__ = (Index("uq_budgets_tenant_id_subject_period", "tenant_id", "subject", "period", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"))
+    #: NULL: the whole tenant's budget.
+    key_id: Mapped[str | None] = mapped_column(String(32), ForeignKey("api_keys.id", ondelete="CASCADE"))
+    #: The key id, or "tenant" (so one budget per subject and period is unique on every backend).
+    subject: Mapped[str] = mapped_column(String(32))
+    period: Mapped[str] = mapped_column(String(16))
+    soft_limit_usd_micros: Mapped[int | None] = mapped_column(BigInteger())
+    hard_limit_usd_micros: Mapped[int | None] = mapped_column(BigInteger())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BudgetCounter(Base):
+    """One budget's spend and in-flight reservations in one period window."""
+
+    __tablename__ = "budget_counters"
+
+    budget_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    spent_usd_micros: Mapped[int] = mapped_column(BigInteger())
+    reserved_usd_micros: Mapped[int] = mapped_column(BigInteger())
+    #: When the soft-limit alert of this window was sent (it is sent once).
+    alerted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class BudgetReservation(Base):
+    """A request's reservation on one counter, released at settlement or after ``expires_at``."""
+
+    __tablename__ = "budget_reservations"
+    __table_args__ = (Index("ix_budget_reservations_expires_at", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    budget_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    amount_usd_micros: Mapped[int] = mapped_column(BigInteger())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -24,17 +24,27 @@ from skyfleet.clock import Clock, SystemClock
 from skyfleet.config import ConfigError
 from skyfleet.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from skyfleet.iam.apikeys import display_prefix, generate_key, hash_key
+from skyfleet.iam.authz import ROLES as ROLES
 from skyfleet.state.db import WRITE_OPTIONS, make_engine, make_session_factory, migrate
+from skyfleet.state.key_fields import (
+    KEY_FIELDS,
+    TENANT_FIELDS,
+    check_cidrs,
+    check_key_name,
+    check_limit,
+    check_models,
+    check_retention,
+    check_role,
+    from_json_list,
+    json_list,
+)
 from skyfleet.state.models import KEY_ID_PREFIX, TENANT_ID_PREFIX, ApiKey, Tenant, new_id, utcnow
 
 if TYPE_CHECKING:  # runtime imports are deferred: skyfleet.crypto imports this package
     from skyfleet.crypto import KeyProvider, TenantKeyring
     from skyfleet.state.conversations import ConversationRepository, ResponseRepository
 
-ROLES = ("platform-admin", "tenant-admin", "member", "read-only")
 TENANT_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
-KEY_NAME_MAX_LENGTH = 200
-RETENTION_DAYS_MAX = 36_500
 
 _T = TypeVar("_T")
 
@@ -49,6 +59,11 @@ class TenantRecord:
     created_at: datetime
     #: Conversations and responses older than this many days are swept; None keeps them.
     retention_days: int | None = None
+    #: Requests and tokens per minute for the whole tenant; None: the configured default.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    #: Opted in to sharing the public (system-prompt) prefix cache.
+    share_public_prefix: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +77,11 @@ class KeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     expires_at: datetime | None
+    #: Allowed models / client networks (canonical CIDRs); None: unrestricted.
+    models: tuple[str, ...] | None = None
+    cidrs: tuple[str, ...] | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +94,14 @@ class Credential:
     tenant_name: str
     role: str
     expires_at: datetime | None
+    models: frozenset[str] | None = None
+    #: Canonical CIDRs the key may be used from; None: anywhere.
+    cidrs: tuple[str, ...] | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    tenant_rpm_limit: int | None = None
+    tenant_tpm_limit: int | None = None
+    share_public_prefix: bool = False
 
 
 def _require_aware(value: datetime, param: str) -> datetime:
@@ -136,19 +164,32 @@ class TenantRepository(_Repository):
 
     async def set_retention(self, name: str, days: int | None) -> TenantRecord:
         """Keep the tenant's conversations and responses ``days`` days (None: indefinitely)."""
-        if days is not None and (
-            isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= RETENTION_DAYS_MAX
-        ):
-            raise InvalidRequestError(
-                f"retention_days must be an integer from 1 to {RETENTION_DAYS_MAX}, or null",
-                param="retention_days",
-            )
+        return await self.update(name, {"retention_days": days})
+
+    async def update(self, name: str, changes: dict[str, Any]) -> TenantRecord:
+        """Change some of :data:`TENANT_FIELDS` (a None limit or retention: the default / no limit)."""
+        unknown = sorted(set(changes) - TENANT_FIELDS)
+        if unknown:
+            raise InvalidRequestError(f"unknown tenant field '{unknown[0]}'", param=unknown[0])
+        values: dict[str, Any] = {}
+        for field_name, value in changes.items():
+            if field_name == "retention_days":
+                values[field_name] = check_retention(value)
+            elif field_name == "share_public_prefix":
+                if not isinstance(value, bool):
+                    raise InvalidRequestError("share_public_prefix must be true or false", param=field_name)
+                values[field_name] = value
+            else:
+                values[field_name] = check_limit(value, field_name)
+        if not values:
+            return await self.get(name)
+        values["changed_at"] = utcnow()
         async with self._session(write=True) as session:
             row = (
                 await session.execute(
                     update(Tenant)
                     .where(Tenant.name == name, Tenant.deleted_at.is_(None))
-                    .values(retention_days=days)
+                    .values(**values)
                     .returning(Tenant)
                     .execution_options(synchronize_session=False)
                 )
@@ -182,7 +223,8 @@ class TenantRepository(_Repository):
 
 def _tenant_record(row: Tenant) -> TenantRecord:
     return TenantRecord(
-        id=row.id, name=row.name, created_at=row.created_at, retention_days=row.retention_days
+        id=row.id, name=row.name, created_at=row.created_at, retention_days=row.retention_days,
+        rpm_limit=row.rpm_limit, tpm_limit=row.tpm_limit, share_public_prefix=bool(row.share_public_prefix),
     )
 
 
@@ -190,7 +232,7 @@ def _live_tenant(name: str) -> Select[Tenant]:
     return select(Tenant).where(Tenant.name == name, Tenant.deleted_at.is_(None))
 
 
-def _key_records() -> Select[str, str, str, str | None, str, str, datetime, datetime | None, datetime | None]:
+def _key_records() -> Select[Any]:
     return select(
         ApiKey.id,
         ApiKey.tenant_id,
@@ -201,6 +243,10 @@ def _key_records() -> Select[str, str, str, str | None, str, str, datetime, date
         ApiKey.created_at,
         ApiKey.revoked_at,
         ApiKey.expires_at,
+        ApiKey.models,
+        ApiKey.cidrs,
+        ApiKey.rpm_limit,
+        ApiKey.tpm_limit,
     ).join(Tenant, Tenant.id == ApiKey.tenant_id)
 
 
@@ -215,7 +261,19 @@ def _key_record(row: Any) -> KeyRecord:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         expires_at=row.expires_at,
+        models=from_json_list(row.models),
+        cidrs=from_json_list(row.cidrs),
+        rpm_limit=row.rpm_limit,
+        tpm_limit=row.tpm_limit,
     )
+
+
+def _key_guard(stmt: Any, tenant_id: str | None, roles: builtins.list[str] | None) -> Any:
+    if tenant_id is not None:
+        stmt = stmt.where(ApiKey.tenant_id == tenant_id)
+    if roles is not None:
+        stmt = stmt.where(ApiKey.role.in_(roles))
+    return stmt
 
 
 class ApiKeyRepository(_Repository):
@@ -226,16 +284,22 @@ class ApiKeyRepository(_Repository):
         role: str = "member",
         name: str | None = None,
         expires_at: datetime | None = None,
+        models: builtins.list[str] | tuple[str, ...] | None = None,
+        cidrs: builtins.list[str] | tuple[str, ...] | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
     ) -> tuple[str, KeyRecord]:
-        """A new key for a live tenant. Returns the plaintext key: the only time it exists."""
-        if role not in ROLES:
-            raise InvalidRequestError(f"role must be one of: {', '.join(ROLES)}", param="role")
-        if name is not None and (not isinstance(name, str) or len(name) > KEY_NAME_MAX_LENGTH):
-            raise InvalidRequestError(
-                f"key name must be at most {KEY_NAME_MAX_LENGTH} characters", param="name"
-            )
+        """A new key for a live tenant. Returns the plaintext key: the only time it exists.
+
+        ``models`` / ``cidrs``: allow-lists (None: unrestricted); ``rpm_limit`` / ``tpm_limit``:
+        this key's own per-minute limits, on top of its tenant's.
+        """
+        role = check_role(role)
+        name = check_key_name(name)
         if expires_at is not None:
             expires_at = _require_aware(expires_at, "expires_at")
+        models_t, cidrs_t = check_models(models), check_cidrs(cidrs)
+        rpm_limit, tpm_limit = check_limit(rpm_limit, "rpm_limit"), check_limit(tpm_limit, "tpm_limit")
         key = generate_key()
         async with self._session(write=True) as session:
             # FOR SHARE (PostgreSQL): a concurrent tenant delete waits for this key to commit, so
@@ -259,6 +323,10 @@ class ApiKeyRepository(_Repository):
                 created_at=utcnow(),
                 revoked_at=None,
                 expires_at=expires_at,
+                models=json_list(models_t),
+                cidrs=json_list(cidrs_t),
+                rpm_limit=rpm_limit,
+                tpm_limit=tpm_limit,
             )
             session.add(row)
         record = KeyRecord(
@@ -271,19 +339,81 @@ class ApiKeyRepository(_Repository):
             created_at=row.created_at,
             revoked_at=None,
             expires_at=expires_at,
+            models=models_t,
+            cidrs=cidrs_t,
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
         )
         return key, record
 
-    async def revoke(self, key_id: str) -> KeyRecord:
-        """Revoke a key. Idempotent: a second revoke keeps the first ``revoked_at``."""
+    async def get(self, key_id: str) -> KeyRecord:
+        """One key (revoked or not) by id; NotFoundError if there is none."""
+        if isinstance(key_id, str) and len(key_id) <= 64:
+            async with self._session() as session:
+                row = (await session.execute(_key_records().where(ApiKey.id == key_id))).one_or_none()
+            if row is not None:
+                return _key_record(row)
+        raise NotFoundError(f"API key '{str(key_id)[:100]}' not found", param="key_id")
+
+    async def update(
+        self,
+        key_id: str,
+        changes: dict[str, Any],
+        *,
+        tenant_id: str | None = None,
+        roles: builtins.list[str] | None = None,
+    ) -> KeyRecord:
+        """Change some of :data:`KEY_FIELDS` of a live (unrevoked) key.
+
+        ``tenant_id`` / ``roles`` guard the change in the same statement: a key of another tenant,
+        or whose current role is not in ``roles``, is not found (so a check-then-act race cannot
+        change a key the caller was not allowed to touch). Gateways pick the change up when their
+        auth cache entry expires (``auth_cache_ttl_s``); restrictions apply at once on this one
+        only if the caller evicts (the admin route does).
+        """
+        unknown = sorted(set(changes) - KEY_FIELDS)
+        if unknown:
+            raise InvalidRequestError(f"unknown key field '{unknown[0]}'", param=unknown[0])
+        checks = {"name": check_key_name, "role": check_role, "models": lambda v: json_list(check_models(v)),
+                  "cidrs": lambda v: json_list(check_cidrs(v)),
+                  "expires_at": lambda v: None if v is None else _require_aware(v, "expires_at"),
+                  "rpm_limit": lambda v: check_limit(v, "rpm_limit"),
+                  "tpm_limit": lambda v: check_limit(v, "tpm_limit")}
+        values = {f: checks[f](v) for f, v in changes.items()}
+        if values:
+            values["changed_at"] = utcnow()
+        found = _key_guard(_key_records().where(ApiKey.id == key_id), tenant_id, roles)
+        async with self._session(write=True) as session:
+            if values:
+                await session.execute(
+                    _key_guard(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)),
+                               tenant_id, roles)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            row = (await session.execute(found)).one_or_none()
+            if row is None:
+                raise NotFoundError(f"API key '{str(key_id)[:100]}' not found", param="key_id")
+            if row.revoked_at is not None:
+                raise InvalidRequestError("a revoked key cannot be changed", param="key_id")
+        return _key_record(row)
+
+    async def revoke(
+        self, key_id: str, *, tenant_id: str | None = None, roles: builtins.list[str] | None = None
+    ) -> KeyRecord:
+        """Revoke a key. Idempotent: a second revoke keeps the first ``revoked_at``.
+
+        ``tenant_id`` / ``roles``: as in :meth:`update`.
+        """
         async with self._session(write=True) as session:
             await session.execute(
-                update(ApiKey)
-                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                _key_guard(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)), tenant_id, roles)
                 .values(revoked_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-            row = (await session.execute(_key_records().where(ApiKey.id == key_id))).one_or_none()
+            row = (
+                await session.execute(_key_guard(_key_records().where(ApiKey.id == key_id), tenant_id, roles))
+            ).one_or_none()
             if row is None:
                 raise NotFoundError(f"API key '{str(key_id)[:100]}' not found", param="key_id")
         return _key_record(row)
@@ -312,7 +442,9 @@ class ApiKeyRepository(_Repository):
         if not isinstance(key_hash, str) or _KEY_HASH_RE.fullmatch(key_hash) is None:
             return None
         stmt = (
-            select(ApiKey.id, ApiKey.tenant_id, Tenant.name, ApiKey.role, ApiKey.expires_at)
+            select(ApiKey.id, ApiKey.tenant_id, Tenant.name, ApiKey.role, ApiKey.expires_at, ApiKey.models,
+                   ApiKey.cidrs, ApiKey.rpm_limit, ApiKey.tpm_limit, Tenant.rpm_limit.label("tenant_rpm"),
+                   Tenant.tpm_limit.label("tenant_tpm"), Tenant.share_public_prefix)
             .join(Tenant, Tenant.id == ApiKey.tenant_id)
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None), Tenant.deleted_at.is_(None))
         )
@@ -320,25 +452,35 @@ class ApiKeyRepository(_Repository):
             row = (await session.execute(stmt)).one_or_none()
         if row is None:
             return None
-        key_id, tenant_id, tenant_name, role, expires_at = row
+        models = from_json_list(row.models)
         return Credential(
-            key_id=key_id,
+            key_id=row.id,
             key_hash=key_hash,
-            tenant_id=tenant_id,
-            tenant_name=tenant_name,
-            role=role,
-            expires_at=expires_at,
+            tenant_id=row.tenant_id,
+            tenant_name=row.name,
+            role=row.role,
+            expires_at=row.expires_at,
+            models=None if models is None else frozenset(models),
+            cidrs=from_json_list(row.cidrs),
+            rpm_limit=row.rpm_limit,
+            tpm_limit=row.tpm_limit,
+            tenant_rpm_limit=row.tenant_rpm,
+            tenant_tpm_limit=row.tenant_tpm,
+            share_public_prefix=bool(row.share_public_prefix),
         )
 
     async def revoked_since(self, since: datetime) -> builtins.list[str]:
-        """Hashes of keys revoked at or after ``since`` (tenant deletion included).
+        """Hashes of keys revoked or changed at or after ``since``, or whose tenant changed or was deleted.
 
-        ``revoked_at`` is the revoking process's clock at the revoke, which commits a moment
-        later: pollers should overlap their windows (e.g. pass the previous poll's start minus
-        a few seconds) rather than pass exactly the previous poll's time.
+        A gateway drops these from its credential cache, so a revocation, a role demotion or a
+        tightened restriction or limit takes effect everywhere within one poll. The times are the
+        writing process's clock, which commits a moment later: pollers should overlap their windows
+        (e.g. pass the previous poll's start minus a few seconds).
         """
         since = _require_aware(since, "since")
-        stmt = select(ApiKey.key_hash).where(ApiKey.revoked_at >= since).order_by(ApiKey.revoked_at)
+        changed_tenants = select(Tenant.id).where((Tenant.changed_at >= since) | (Tenant.deleted_at >= since))
+        stmt = select(ApiKey.key_hash).where(
+            (ApiKey.revoked_at >= since) | (ApiKey.changed_at >= since) | ApiKey.tenant_id.in_(changed_tenants))
         async with self._session() as session:
             return builtins.list((await session.execute(stmt)).scalars().all())
 

@@ -9,10 +9,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from skyfleet.api.body import read_json_object
-from skyfleet.api.deps import authenticate, gateway
+from skyfleet.api.deps import authenticate, gateway, requires
 from skyfleet.api.items import check_metadata, item_json, list_json, normalise_items
 from skyfleet.api.pagination import page_params
 from skyfleet.errors import InvalidRequestError
+from skyfleet.iam.authz import Permission
 from skyfleet.state.conversations import ConversationRecord
 
 
@@ -27,6 +28,7 @@ def _only(body: dict[str, Any], allowed: set[str]) -> None:
         raise InvalidRequestError(f"Unrecognized request argument supplied: {extra[0]}", param=extra[0])
 
 
+@requires(Permission.STORED_WRITE)
 async def create_conversation(request: Request) -> JSONResponse:
     gw = gateway(request)
     principal = await authenticate(request)
@@ -38,12 +40,14 @@ async def create_conversation(request: Request) -> JSONResponse:
     return JSONResponse(conversation_json(conv))
 
 
+@requires(Permission.STORED_READ)
 async def get_conversation(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     conv = await gateway(request).store.conversations.get(principal.tenant_id, request.path_params["cid"])
     return JSONResponse(conversation_json(conv))
 
 
+@requires(Permission.STORED_WRITE)
 async def update_conversation(request: Request) -> JSONResponse:
     gw = gateway(request)
     principal = await authenticate(request)
@@ -56,13 +60,17 @@ async def update_conversation(request: Request) -> JSONResponse:
     return JSONResponse(conversation_json(conv))
 
 
+@requires(Permission.STORED_WRITE)
 async def delete_conversation(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     cid = request.path_params["cid"]
     await gateway(request).store.conversations.delete(principal.tenant_id, cid)
+    gateway(request).audit.record("conversation.delete", actor=principal, tenant_id=principal.tenant_id,
+                                  target=cid)
     return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
 
 
+@requires(Permission.STORED_READ)
 async def list_items(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     after, limit, order = page_params(request, default_order="desc")
@@ -71,6 +79,7 @@ async def list_items(request: Request) -> JSONResponse:
     return JSONResponse(list_json([item_json(r.item, r.id) for r in items], has_more))
 
 
+@requires(Permission.STORED_WRITE)
 async def add_items(request: Request) -> JSONResponse:
     gw = gateway(request)
     principal = await authenticate(request)
@@ -81,6 +90,7 @@ async def add_items(request: Request) -> JSONResponse:
     return JSONResponse(list_json([item_json(r.item, r.id) for r in added], False))
 
 
+@requires(Permission.STORED_READ)
 async def get_item(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     p = request.path_params
@@ -88,11 +98,14 @@ async def get_item(request: Request) -> JSONResponse:
     return JSONResponse(item_json(rec.item, rec.id))
 
 
+@requires(Permission.STORED_WRITE)
 async def delete_item(request: Request) -> JSONResponse:
     principal = await authenticate(request)
     p = request.path_params
     store = gateway(request).store.conversations
     await store.delete_item(principal.tenant_id, p["cid"], p["item_id"])
+    gateway(request).audit.record("conversation.item.delete", actor=principal, tenant_id=principal.tenant_id,
+                                  target=p["cid"], item_id=p["item_id"])
     return JSONResponse(conversation_json(await store.get(principal.tenant_id, p["cid"])))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from skyfleet.api.items import check_metadata, normalise_items, to_chat_messages
 from skyfleet.api.responses.schema import CreateResponse
+from skyfleet.cost.budget_gate import Reservation
 from skyfleet.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError, SkyfleetError
 from skyfleet.gateway.context import RequestContext
 from skyfleet.gateway.proxy import UnaryReply, UpstreamStream, usage_of
@@ -38,6 +39,7 @@ class Turn:
     session_id: str
     stored: bool
     metadata: dict[str, str]
+    reservation: Reservation | None = None  # the budgets' (settled from the request's record)
 
     def chat_payload(self, stream: bool) -> dict[str, Any]:
         messages = to_chat_messages(self.history + self.input_items)
@@ -102,7 +104,7 @@ class ResponsesService:
             raise InvalidRequestError("A response in a conversation must be stored ('store': true).", param="store")
         models = gw.registry.models()
         if body.model not in models:
-            raise ModelNotFoundError(body.model, models)
+            raise ModelNotFoundError(body.model, [m for m in models if principal.may_use(m)])
         window = gw.registry.context_window(body.model)
         if window is not None and body.max_output_tokens is not None and body.max_output_tokens >= window:
             raise ContextLengthExceededError(
@@ -120,21 +122,28 @@ class ResponsesService:
         turn = Turn(response_id=new_id("resp"), message_id=new_id("msg"), created_at=int(time.time()), body=body,
                     input_items=input_items, history=history, conversation_id=conversation_id,
                     session_id="", stored=body.store, metadata=metadata)
-        if body.store:
-            rec = await gw.store.responses.begin(
-                tenant, model=body.model, conversation_id=conversation_id,
-                previous_response_id=body.previous_response_id, input_items=input_items,
-                body=turn.response(status="in_progress"), store=True)
-            turn.response_id, turn.session_id = rec.id, rec.session_id
-        else:
-            turn.session_id = turn.response_id
+        # Budgets: the worst case of the whole prompt (history included), before the turn is stored.
+        turn.reservation = await gw.budgets.admit_payload(principal, body.model, turn.chat_payload(stream=False),
+                                                          body.max_output_tokens, window)
+        try:
+            if body.store:
+                rec = await gw.store.responses.begin(
+                    tenant, model=body.model, conversation_id=conversation_id,
+                    previous_response_id=body.previous_response_id, input_items=input_items,
+                    body=turn.response(status="in_progress"), store=True)
+                turn.response_id, turn.session_id = rec.id, rec.session_id
+            else:
+                turn.session_id = turn.response_id
+        except BaseException:
+            gw.budgets.cancel(turn.reservation)
+            raise
         return turn
 
     def context(self, principal: Principal, turn: Turn, request_id: str) -> RequestContext:
         return RequestContext(
             request_id=request_id, principal=principal, route="responses", model=turn.body.model,
             stream=turn.body.stream, include_usage=True, started=self.gw.clock.now(),
-            started_wall=self.gw.clock.wall(), session_key=turn.session_id)
+            started_wall=self.gw.clock.wall(), session_key=turn.session_id, reservation=turn.reservation)
 
     # -- generating -------------------------------------------------------------------------
     async def _with_truncation(self, turn: Turn, call: Any) -> Any:
@@ -158,6 +167,9 @@ class ResponsesService:
         except SkyfleetError as exc:
             await self.fail(ctx.principal, turn, exc)
             raise
+        except BaseException:
+            self.gw.budgets.cancel(ctx.reservation)  # cancelled before a record settled it
+            raise
         choice = (reply.data.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
         usage = usage_of(reply.data) or (0, 0, 0)
@@ -169,6 +181,9 @@ class ResponsesService:
                 turn, lambda: self.gw.proxy.open_stream(ctx, CHAT_PATH, turn.chat_payload(stream=True)))
         except SkyfleetError as exc:
             await self.fail(ctx.principal, turn, exc)
+            raise
+        except BaseException:
+            self.gw.budgets.cancel(ctx.reservation)
             raise
         return stream
 

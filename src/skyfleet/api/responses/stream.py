@@ -46,7 +46,8 @@ class ResponseEventStream:
     async def _run(self, send: Any) -> None:
         turn, up = self._turn, self._up
         item_id = turn.message_id
-        await send({"type": "http.response.start", "status": 200, "headers": sse_headers(self._ctx.request_id)})
+        headers = sse_headers(self._ctx.request_id, self._ctx.admission)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._event(send, "response.created", response=turn.response(status="in_progress"))
         await self._event(send, "response.in_progress", response=turn.response(status="in_progress"))
         await self._event(send, "response.output_item.added", output_index=0,

@@ -106,6 +106,8 @@ class SimRequest:
     block_hashes: Sequence[bytes]
     #: the generated text, cached with the prompt when the request finishes ("" caches nothing)
     output: str = ""
+    #: vLLM's ``cache_salt``: only requests with the same salt (or none) share cached blocks
+    cache_salt: str | None = None
     state: RequestState = RequestState.WAITING
     admitted_at: float | None = None
     #: when its first token is (or was) due; ``inf`` until admitted
@@ -207,6 +209,7 @@ class SimModel:
         target_tokens: int | None = None,
         finish_reason: str = "length",
         output: str = "",
+        cache_salt: str | None = None,
     ) -> SimRequest:
         """A new request arrives now; it is admitted at once if it fits, else queued.
 
@@ -230,8 +233,9 @@ class SimModel:
             target_tokens=target,
             finish_reason=finish_reason,
             arrived_at=now,
-            block_hashes=block_hashes(prompt, self._profile.block_tokens),
+            block_hashes=block_hashes(prompt, self._profile.block_tokens, cache_salt),
             output=output,
+            cache_salt=cache_salt,
         )
         self._next_rid += 1
         self._waiting.append(req)
@@ -377,7 +381,7 @@ class SimModel:
         r.finished_at = t
         self._report_decode(r, t)
         if r.output:
-            self._cache.insert(block_hashes(r.prompt + r.output, self._profile.block_tokens))
+            self._cache.insert(block_hashes(r.prompt + r.output, self._profile.block_tokens, r.cache_salt))
         self._observer.finished(t - r.arrived_at, r.finish_reason)
 
     def _report_decode(self, r: SimRequest, t: float) -> None:

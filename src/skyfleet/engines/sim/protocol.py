@@ -9,7 +9,8 @@ vocabulary tokens, so a token chunk costs one concatenation. SSE framing is exac
 
 Request fields honoured: ``messages`` / ``prompt``, ``max_tokens`` (or
 ``max_completion_tokens``), ``stream``, ``stream_options.include_usage``, ``seed``, ``n``
-(1 only) and vLLM's ``ignore_eos``. Everything else (``temperature``, ``stop``, ``tools``,
+(1 only) and vLLM's ``ignore_eos`` and ``cache_salt`` (a non-empty string; mixed into the
+prefix-cache block hashes, so only requests with the same salt share cached prefixes). Everything else (``temperature``, ``stop``, ``tools``,
 ``logprobs``, ``model``...) is accepted and ignored: the text depends on the prompt and seed
 only, and the replica answers under its own model name whatever ``model`` says.
 """
@@ -46,6 +47,7 @@ class Job:
     include_usage: bool
     ignore_eos: bool
     seed: int | None
+    cache_salt: str | None = None
 
 
 def parse_job(kind: Kind, raw: bytes, default_max_tokens: int) -> Job:
@@ -82,10 +84,14 @@ def parse_job(kind: Kind, raw: bytes, default_max_tokens: int) -> Job:
     seed = body.get("seed")
     if seed is not None and type(seed) is not int:
         raise InvalidRequestError("'seed' must be an integer", param="seed")
+    cache_salt = body.get("cache_salt")
+    if cache_salt is not None and (type(cache_salt) is not str or not cache_salt):
+        raise InvalidRequestError("Parameter 'cache_salt' must be a non-empty string if provided.",
+                                  param="cache_salt")
     stream = body.get("stream") is True
     options = body.get("stream_options")
     include_usage = stream and type(options) is dict and options.get("include_usage") is True
-    return Job(kind, prompt, max_tokens, stream, include_usage, body.get("ignore_eos") is True, seed)
+    return Job(kind, prompt, max_tokens, stream, include_usage, body.get("ignore_eos") is True, seed, cache_salt)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -17,13 +17,20 @@ Two modes:
 * **fast** (``fast=True``): no model, no sleeps, no tasks: parse, generate, answer.
   ``cached_tokens`` is always 0, the gauges show in-flight requests only, the latency
   histograms stay empty, and a stream is sent as one body. For measuring gateway overhead.
+
+``cache_salt`` works as in vLLM (see :mod:`.protocol`); :attr:`SimApp.cache_salts` counts the
+salts requests arrived with (``None``: no salt), so tests can check what a gateway sends.
+:func:`run` serves HTTPS with ``tls_cert``/``tls_key``, and requires client certificates signed
+by ``tls_client_ca`` (mTLS) when given.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -49,6 +56,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: longest a timed handler sleeps before asking the model again
 RESCHEDULE_S = 0.05
+#: distinct salts :attr:`SimApp.cache_salts` keeps count of (a test aid, not a leak in benchmarks)
+_SALTS_KEPT = 256
 
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
@@ -128,6 +137,7 @@ class SimApp:
         self._id_prefix = secrets.token_hex(4)
         self._next_id = 0
         self._inflight = 0
+        self.cache_salts: Counter[str | None] = Counter()
         # with a batch-independent tpot, a running request's predicted times never move
         self._exact = profile.tpot_batch_slope == 0
         self._models_body = orjson.dumps(
@@ -172,6 +182,8 @@ class SimApp:
                 return
             try:
                 job = parse_job(kind, await _read_body(receive), self.profile.default_max_tokens)
+                if job.cache_salt in self.cache_salts or len(self.cache_salts) < _SALTS_KEPT:
+                    self.cache_salts[job.cache_salt] += 1
                 if self.fast:
                     await self._serve_fast(job, send)
                 else:
@@ -246,6 +258,7 @@ class SimApp:
                 target_tokens=len(ids),
                 finish_reason=reason,
                 output=text,
+                cache_salt=job.cache_salt,
             )
         except ContextLengthError as exc:
             raise ContextLengthExceededError(str(exc), param=_prompt_param(job)) from None
@@ -317,10 +330,25 @@ def build_app(profile: SimProfile, *, model: str = "sim-model", fast: bool = Fal
     return SimApp(profile, model=model, fast=fast, seed=seed)
 
 
-def run(*, host: str, port: int, profile: SimProfile, model: str, fast: bool, seed: int = 0) -> None:
-    """Serve a simulated replica until interrupted (uvicorn, uvloop, httptools, no access log)."""
+def run(*, host: str, port: int, profile: SimProfile, model: str, fast: bool, seed: int = 0,
+        tls_cert: Path | None = None, tls_key: Path | None = None, tls_client_ca: Path | None = None) -> None:
+    """Serve a simulated replica until interrupted (uvicorn, uvloop, httptools, no access log).
+
+    ``tls_cert``/``tls_key``: HTTPS (TLS 1.2 or newer: uvicorn's server context). ``tls_client_ca``:
+    also require a client certificate signed by that CA (mTLS); a client without one is refused
+    during the handshake.
+    """
+    import ssl
+
     import uvicorn
 
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        raise ValueError("tls_cert and tls_key go together, and tls_client_ca needs them")
+    tls: dict[str, Any] = {}
+    if tls_cert is not None:
+        tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
+        if tls_client_ca is not None:
+            tls |= {"ssl_ca_certs": str(tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     uvicorn.run(
         build_app(profile, model=model, fast=fast, seed=seed),
         host=host,
@@ -332,4 +360,5 @@ def run(*, host: str, port: int, profile: SimProfile, model: str, fast: bool, se
         log_level="warning",
         server_header=False,
         timeout_keep_alive=30,
+        **tls,
     )

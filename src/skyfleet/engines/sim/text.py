@@ -49,13 +49,20 @@ def count_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def block_hashes(text: str, block_tokens: int) -> list[bytes]:
-    """Chained hashes of the full blocks of ``text``: hash ``i`` identifies the prefix up to block ``i``."""
+def block_hashes(text: str, block_tokens: int, cache_salt: str | None = None) -> list[bytes]:
+    """Chained hashes of the full blocks of ``text``: hash ``i`` identifies the prefix up to block ``i``.
+
+    A ``cache_salt`` goes into the first block's hash (and through the chain into every later one),
+    as in vLLM: prompts with different salts never share a block.
+    """
     width = block_tokens * CHARS_PER_TOKEN
     full = len(text) // width
     if not full:
         return []
     hasher = hashlib.blake2b(digest_size=16)
+    if cache_salt is not None:
+        salt = cache_salt.encode("utf-8", "surrogatepass")
+        hasher.update(b"salt" + len(salt).to_bytes(4, "big") + salt)
     out: list[bytes] = []
     for i in range(full):
         hasher.update(text[i * width : (i + 1) * width].encode("utf-8", "surrogatepass"))

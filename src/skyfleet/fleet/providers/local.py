@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from skyfleet.config import LocalEngineSettings
+from skyfleet.cost.pricing import Pricing
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec, ReplicaState
 
@@ -31,8 +32,10 @@ def free_port(host: str) -> int:
 
 
 class LocalProvider:
-    def __init__(self, settings: LocalEngineSettings, registry: ReplicaRegistry, data_dir: Path) -> None:
+    def __init__(self, settings: LocalEngineSettings, registry: ReplicaRegistry, data_dir: Path,
+                 pricing: Pricing | None = None) -> None:
         self._settings = settings
+        self._pricing = pricing  # the replicas' price (tier local, cost.local_usd_per_hour)
         self._registry = registry
         self._data_dir = data_dir
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -53,13 +56,16 @@ class LocalProvider:
 
     def _spec(self, index: int, port: int) -> ReplicaSpec:
         s = self._settings
+        rid = f"local-{index}"
+        price = self._pricing.for_replica(rid).usd_per_hour if self._pricing is not None else None
         return ReplicaSpec(
-            id=f"local-{index}",
+            id=rid,
             base_url=f"http://{s.host}:{port}",
             model=s.model_name,
             engine="llama",
             upstream_model=s.model_name,
             context_window=s.ctx_per_slot,
+            usd_per_hour=price,
         )
 
     async def start(self) -> None:
