@@ -264,6 +264,8 @@ class UsageRecord(Base):
     key_id: Mapped[str] = mapped_column(String(80))
     model: Mapped[str] = mapped_column(String(200))
     route: Mapped[str] = mapped_column(String(16))
+    #: The gateway instance that served it (local replica ids repeat across gateways); NULL: unknown.
+    owner: Mapped[str | None] = mapped_column(String(64))
     replica_id: Mapped[str | None] = mapped_column(String(128))
     pool: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
