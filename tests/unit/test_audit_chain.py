@@ -259,3 +259,25 @@ def test_canonical_is_independent_of_detail_order() -> None:
     b = draft(at, "a.b", detail={"y": 2, "x": 1})
     assert canonical(1, a) == canonical(1, b)
     assert orjson.loads(canonical(1, a))["detail"] == {"x": 1, "y": 2}
+
+
+async def test_auth_failures_are_counted_per_route_per_window() -> None:
+    from skyfleet.audit.log import AuditLog
+    from skyfleet.clock import ManualClock
+
+    written: list = []
+
+    class Appender:
+        async def append(self, drafts):  # type: ignore[no-untyped-def]
+            written.extend(drafts)
+            return []
+
+    audit = AuditLog(Appender(), ManualClock())
+    for _ in range(1000):  # a flood of bad keys
+        audit.record("auth.failure", actor=None, outcome="denied", target="GET /v1/models")
+    audit.record("auth.failure", actor=None, outcome="denied", target="POST /v1/chat/completions")
+    assert audit.pending == 0  # nothing queued per request
+    await audit.flush()
+    failures = {d.target: d for d in written if d.action == "auth.failure"}
+    assert set(failures) == {"GET /v1/models", "POST /v1/chat/completions"}
+    assert failures["GET /v1/models"].detail["count"] == 1000

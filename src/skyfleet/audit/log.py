@@ -8,7 +8,9 @@
   what was written).
 * :meth:`AuditLog.key_used` is cheap enough for every authenticated request: it counts uses per
   key in memory, and once per window (a minute) writes one ``key.use`` entry per key used, with
-  the count.
+  the count. Failed authentications (``auth.failure`` without an actor) are counted the same
+  per route between two writes (every ``flush_interval_s``): a flood of bad credentials writes
+  one entry per route per flush, with the count.
 * A background task (:meth:`start`/:meth:`close`, driven by the Gateway) writes the queue in
   batches every ``flush_interval_s`` (sooner when a batch is full), retrying with backoff while
   the store fails. :meth:`close` writes what is left, including the current key-use window.
@@ -84,6 +86,9 @@ class AuditLog:
         #: Uses of each key in the current window, and the tenant each key belongs to.
         self._key_uses: dict[str, int] = {}
         self._key_tenants: dict[str, str | None] = {}
+        #: Failed authentications in the current window, per route: a flood of bad credentials
+        #: becomes one ``auth.failure`` entry per route per window (with a count), not one per request.
+        self._auth_failures: dict[str | None, int] = {}
         self._window_start = clock.now()
         self._window_wall = clock.wall()
         self._wake = asyncio.Event()
@@ -116,6 +121,9 @@ class AuditLog:
         outcome: str = "ok",
         **detail: DetailValue,
     ) -> None:
+        if action == "auth.failure" and actor is None and not detail:
+            self._count_auth_failure(target)
+            return
         self._enqueue(action, actor_id(actor), tenant_id if tenant_id is not None else default_tenant(actor),
                       target, outcome, detail)
 
@@ -148,6 +156,18 @@ class AuditLog:
         except Exception:  # noqa: BLE001 - auditing must never fail a request
             self._drop()
 
+    def _count_auth_failure(self, target: str | None) -> None:
+        try:
+            count = self._auth_failures.get(target)
+            if count is not None:
+                self._auth_failures[target] = count + 1
+            elif len(self._auth_failures) < 1000:
+                self._auth_failures[target] = 1
+            else:
+                self._auth_failures[None] = self._auth_failures.get(None, 0) + 1
+        except Exception:  # noqa: BLE001 - auditing must never fail a request
+            self._drop()
+
     def _drop(self) -> None:
         self.dropped += 1
         if self._dropped_metric is not None:
@@ -166,6 +186,7 @@ class AuditLog:
 
     def roll_key_uses(self) -> None:
         """Close the current key-use window: queue one ``key.use`` entry per key used in it."""
+        self._roll_auth_failures()
         uses, tenants = self._key_uses, self._key_tenants
         self._key_uses, self._key_tenants = {}, {}
         since = datetime.fromtimestamp(self._window_wall, UTC).isoformat(timespec="seconds")
@@ -175,11 +196,17 @@ class AuditLog:
             self._enqueue("key.use", key_id, tenants.get(key_id), None, "ok",
                           {"count": count, "since": since})
 
+    def _roll_auth_failures(self) -> None:
+        failures, self._auth_failures = self._auth_failures, {}
+        for target, count in failures.items():
+            self._enqueue("auth.failure", None, None, target, "denied", {"count": count})
+
     async def flush(self) -> int:
         """Write everything queued now (in batches); returns how many entries were written.
 
         Raises what the store raises; what was not written stays queued.
         """
+        self._roll_auth_failures()
         written = 0
         async with self._write_lock:
             while self._pending:
