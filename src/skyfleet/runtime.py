@@ -99,7 +99,8 @@ class Gateway:
         pricing = await asyncio.to_thread(Pricing.from_settings, settings)
         budgets = BudgetGate.from_settings(settings, store.engine, pricing, clock, metrics.registry)
         c = settings.cost
-        usage = UsageWriter(store.engine, pricing, clock, batch_size=c.usage_batch_size,
+        instance_id = new_instance_id()  # owner of this gateway's replica intervals and usage records
+        usage = UsageWriter(store.engine, pricing, clock, owner=instance_id, batch_size=c.usage_batch_size,
                             flush_interval_s=c.usage_flush_interval_s, max_pending=c.usage_max_pending,
                             on_charge=metrics.observe_charge, on_drop=metrics.usage_dropped.inc,
                             on_write_error=metrics.usage_write_errors.inc)
@@ -115,7 +116,6 @@ class Gateway:
         )
         health = HealthChecker(registry, upstream, interval_s=settings.health_interval_s)
         audit = AuditLog(AuditRepository(store.engine), clock, registry=metrics.registry)
-        instance_id = new_instance_id()
         recorder = ReplicaCostRecorder(store.engine, pricing, registry, clock, owner=instance_id,
                                        heartbeat_s=c.interval_heartbeat_s, sample_interval_s=c.sample_interval_s,
                                        tick_s=settings.health_interval_s)

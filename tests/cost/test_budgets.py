@@ -33,6 +33,7 @@ from skyfleet.cost.budgets import (
     prompt_token_bound,
     refusal,
 )
+from skyfleet.cost.metering import usage_row
 from skyfleet.cost.pricing import Pricing, ReplicaCost, TokenWeights
 from skyfleet.errors import BudgetExceededError, NotFoundError, ServiceUnavailableError
 from skyfleet.gateway.context import RequestRecord
@@ -317,6 +318,29 @@ async def test_admit_reserves_on_the_tenant_and_key_budgets_and_settlement_charg
     g.on_finish(record(await g.admit(ALICE, "m", prompt_tokens=1, max_tokens=1, context_window=None), 1, 1))
     await g.flush()
     assert len(alerts) == 2
+
+
+@pytest.mark.parametrize(("replica", "charge"), [
+    ("local-0", 560),   # its replica's price: 300 uncached + 10 (100 cached x 0.1) + 250 = 560 weighted x $1/M
+    ("big-0", 5600),    # ten times dearer
+    ("gone-7", 5600),   # a replica the price list no longer knows, or none: the model's (dearest) price
+    (None, 5600),
+])
+async def test_settlement_charges_exactly_what_the_usage_record_stores(replica: str | None, charge: int) -> None:
+    prices = Pricing([ReplicaCost("local-0", "local", "m", "local", 3.6),
+                      ReplicaCost("big-0", "big", "m", "spot", 36.0)],
+                     weights=TokenWeights(1.0, 0.1, 1.0), nominal_tokens_per_s={}, default_tokens_per_s=1000.0)
+    mem = MemoryBudgetCounters()
+    defs = Definitions([_budget(hard_limit_usd_micros=1_000_000)])
+    g = BudgetGate(definitions=defs, backend=mem, pricing=prices,  # type: ignore[arg-type]
+                   settings=BudgetSettings(), clock=ManualClock(wall_offset=NOW.timestamp()))
+    g.alerts = Sent()  # type: ignore[assignment]
+    r = await g.admit(ALICE, "m", prompt_tokens=400, max_tokens=300, context_window=None)
+    finished = record(r, 400, 250, cached=100, replica_id=replica)
+    g.on_finish(finished)
+    assert await g.flush()
+    assert list(mem.counters.values()) == [[charge, 0, 0]]
+    assert usage_row(finished, prices)["charged_usd_micros"] == charge  # one function prices both
 
 
 async def test_a_hard_limit_refuses_with_nothing_reserved_anywhere() -> None:

@@ -83,11 +83,14 @@ def test_usage_row(pricing: Pricing) -> None:
     failed = usage_row(rec("req_4", replica=None, status="weird", prompt=0, completion=0), pricing)
     assert (failed["status"], failed["charged_usd_micros"], failed["pool"]) == ("failed", 0, "local")
     assert set(r) == {c.name for c in UsageRecord.__table__.columns}
+    # The serving gateway's instance id joins the record to its replica's interval (None: unknown).
+    assert r["owner"] is None
+    assert usage_row(rec("req_5"), pricing, owner="gw-0123456789ab")["owner"] == "gw-0123456789ab"
 
 
 async def test_writer_flushes_full_batches_at_once_and_the_rest_at_close(store: Store, pricing: Pricing) -> None:
     charged: list[int] = []
-    w = UsageWriter(store.engine, pricing, ManualClock(), batch_size=3, flush_interval_s=60,
+    w = UsageWriter(store.engine, pricing, ManualClock(), owner="gw-1", batch_size=3, flush_interval_s=60,
                     on_charge=lambda r, m: charged.append(m))
     await w.start()
     for i in range(3):
@@ -104,6 +107,7 @@ async def test_writer_flushes_full_batches_at_once_and_the_rest_at_close(store: 
     assert [(g.request_id, g.status) for g in got] == [("req_0", "completed"), ("req_1", "completed"),
                                                       ("req_2", "completed"), ("req_3", "cancelled")]
     assert w.pending == 0 and len(charged) == 5 and all(c > 0 for c in charged)
+    assert {g.owner for g in got} == {"gw-1"}
     w.on_finish(rec("req_late"))  # after close: dropped and counted, never written
     assert w.dropped == 1
 

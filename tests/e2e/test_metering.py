@@ -110,13 +110,15 @@ def test_usage_intervals_and_attribution_with_the_embedded_default(gw: Gateway) 
     assert all(i["ended_at"] is not None for i in intervals) and len(intervals) == 2
 
     owner = intervals[0]["owner"]
+    # Every record names the gateway that served it: the owner of its replicas' intervals.
+    assert {u["owner"] for u in query(gw, "SELECT owner FROM usage_records")} == {owner}
     start = min(ts(i["started_at"]) for i in intervals)
     end = max(ts(i["ended_at"]) for i in intervals)
     costs = [IntervalCost(i["owner"], i["replica_id"], i["pool"], i["usd_per_hour"], ts(i["started_at"]),
                           ts(i["ended_at"])) for i in intervals]
-    slices = [UsageSlice(u["request_id"], owner, u["replica_id"], u["tenant_id"], u["key_id"], u["model"], u["pool"],
-                         ts(u["started_at"]), ts(u["ended_at"]), u["prompt_tokens"], u["cached_tokens"],
-                         u["completion_tokens"])
+    slices = [UsageSlice(u["request_id"], u["owner"], u["replica_id"], u["tenant_id"], u["key_id"], u["model"],
+                         u["pool"], ts(u["started_at"]), ts(u["ended_at"]), u["prompt_tokens"],
+                         u["cached_tokens"], u["completion_tokens"])
               for u in query(gw, "SELECT * FROM usage_records")]
     result = attribute(costs, slices, start=start, end=end, weights=TokenWeights(0.25, 0.025, 1.0))
     tenant = rows[0]["tenant_id"]

@@ -146,3 +146,28 @@ async def test_names(store: Store) -> None:
     assert await q.tenant_names([tenant.id, "ten_gone"]) == {tenant.id: "acme"}
     assert await q.key_names(["key_x", "key_y"]) == {"key_x": "ci"}
     assert await q.tenant_names([]) == {} and await q.key_names([]) == {}
+
+
+async def test_served_by_joins_on_the_owner_and_guesses_only_without_one(store: Store) -> None:
+    await _insert(store, ReplicaInterval, [
+        interval("i_gw1", start_s=0, end_s=100, owner="gw1"),
+        interval("i_gw2_old", start_s=0, end_s=8, owner="gw2"),  # the same replica at an earlier price
+        interval("i_gw2", start_s=8, end_s=100, owner="gw2"),
+        interval("i_static", start_s=0, end_s=100, owner="static", replica="ext-0"),
+    ])
+    await _insert(store, UsageRecord, [
+        usage("u_gw2", start_s=10, owner="gw2"),
+        usage("u_gw1", start_s=10, owner="gw1"),
+        usage("u_static", start_s=10, owner="gw1", replica="ext-0"),  # any gateway: the shared interval
+        usage("u_nobody", start_s=10, owner="gw9"),  # a gateway that recorded no interval: not guessed
+        usage("u_legacy", start_s=10, owner=None),  # before migration 0007: the earliest local-0 running then
+        usage("u_no_replica", start_s=10, owner="gw1", replica=None),
+    ])
+    q = CostQueries(store.engine)
+    w = await q.window(T0, T0 + timedelta(seconds=100), T0 + timedelta(seconds=100))
+    served = {rid: iv.id if iv is not None else None for rid, iv in w.served_by().items()}
+    assert served == {"u_gw2": "i_gw2", "u_gw1": "i_gw1", "u_static": "i_static", "u_nobody": None,
+                      "u_legacy": "i_gw1", "u_no_replica": None}
+    page, _ = await q.usage_page(UsageQuery())
+    assert {r.request_id: r.json()["owner"] for r in page}["u_gw2"] == "gw2"
+    assert {r.request_id: r.owner for r in page}["u_legacy"] is None

@@ -6,7 +6,8 @@
   and reserves it on all of them at once; a hard limit that would be passed raises the 429
   (:class:`~skyfleet.errors.BudgetExceededError`) and reserves nothing.
 * The returned :class:`Reservation` rides on the request's context and record; :meth:`on_finish`
-  queues its settlement (the actual ``charge_micros`` of the pool that served it) and a background
+  queues its settlement (the actual charge, ``Pricing.charge_micros``: the very figure the usage
+  record stores, the price of the replica that served it) and a background
   task applies queued settlements in batches, so the request path never waits for it. A request
   that never reaches the proxy is released with :meth:`cancel`.
 * Settlements that cannot be applied (counters unreachable) are retried every second for
@@ -62,9 +63,7 @@ CACHE_MAX = 10_000
 
 
 class PriceOf(Protocol):
-    """What the gate needs of a pool's price (``cost.pricing.PoolPrice``)."""
-
-    def charge_micros(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int: ...
+    """What the gate needs of a pool's price (``cost.pricing.PoolPrice``): the admission bound."""
 
     def max_charge_micros(self, prompt_tokens: int, max_tokens: int) -> int: ...
 
@@ -74,7 +73,8 @@ class Prices(Protocol):
 
     def for_model(self, model: str) -> PriceOf: ...
 
-    def for_replica(self, replica_id: str) -> PriceOf: ...
+    def charge_micros(self, model: str, replica_id: str | None, prompt_tokens: int, cached_tokens: int,
+                      completion_tokens: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -251,15 +251,11 @@ class BudgetGate:
 
     # -- settlement -------------------------------------------------------------------------------
     def _charge(self, record: RequestRecord) -> int:
-        if self._pricing is None or not (record.prompt_tokens or record.completion_tokens):
+        """What the request is charged: exactly the usage record's charge (``Pricing.charge_micros``)."""
+        if self._pricing is None:
             return 0
-        try:
-            price = self._pricing.for_replica(record.replica_id) if record.replica_id else None
-        except (KeyError, LookupError, ValueError, SkyfleetError):
-            price = None
-        if price is None:
-            price = self._pricing.for_model(record.model)
-        return int(price.charge_micros(record.prompt_tokens, record.cached_tokens, record.completion_tokens))
+        return int(self._pricing.charge_micros(record.model, record.replica_id, record.prompt_tokens,
+                                               record.cached_tokens, record.completion_tokens))
 
     def on_finish(self, record: RequestRecord) -> None:
         """Queue the settlement of the record's reservation (never blocks; applied in the background)."""

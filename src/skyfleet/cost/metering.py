@@ -6,7 +6,10 @@ blocks. A background task turns records into rows (pricing them: the charge of t
 served the request, :meth:`~skyfleet.cost.pricing.Pricing.charge_micros`) and writes them with
 one multi-row ``INSERT ... ON CONFLICT DO NOTHING`` per batch: every ``cost.usage_flush_interval_s``
 (1 s), or at once when ``cost.usage_batch_size`` records are waiting. A request id already stored
-is skipped, so a batch retried after an unclear failure counts once.
+is skipped, so a batch retried after an unclear failure counts once. Each row names the gateway
+instance that served the request (``owner``, ``gw.instance_id``): local replica ids (``local-0``)
+repeat across gateways, and the reports join a request to its replica's cost interval on
+(owner, replica id) (docs/cost.md, "Attribution").
 
 * Store unreachable: the batch stays queued and is retried with backoff (0.5 s doubling to 10 s);
   up to ``cost.usage_max_pending`` records are kept in memory, beyond that new ones are dropped
@@ -70,8 +73,13 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def usage_row(record: RequestRecord, pricing: Pricing, *, ended_wall: float | None = None) -> dict[str, Any]:
-    """The ``usage_records`` row of a finished request (ids, tokens, timings, money; never text)."""
+def usage_row(record: RequestRecord, pricing: Pricing, *, owner: str | None = None,
+              ended_wall: float | None = None) -> dict[str, Any]:
+    """The ``usage_records`` row of a finished request (ids, tokens, timings, money; never text).
+
+    ``owner``: the instance id of the gateway that served it (None: unknown, the reports then guess
+    the replica interval from the replica id and the time).
+    """
     status = record.status if record.status in STATUSES else "failed"
     started = record.started_wall
     ended = started + max(0.0, record.duration_s) if started > 0 else (ended_wall or 0.0)
@@ -83,7 +91,8 @@ def usage_row(record: RequestRecord, pricing: Pricing, *, ended_wall: float | No
         pool = None
     return {
         "request_id": record.request_id[:64], "tenant_id": record.tenant_id, "key_id": record.key_id,
-        "model": record.model[:200], "route": record.route[:16], "replica_id": record.replica_id, "pool": pool,
+        "model": record.model[:200], "route": record.route[:16], "owner": owner[:64] if owner else None,
+        "replica_id": record.replica_id, "pool": pool,
         "status": status, "http_status": record.http_status, "started_at": _utc(started), "ended_at": _utc(ended),
         "ttft_ms": round(record.ttft_s * 1000) if record.ttft_s is not None else None,
         "prompt_tokens": max(0, record.prompt_tokens), "cached_tokens": max(0, record.cached_tokens),
@@ -96,7 +105,8 @@ def usage_row(record: RequestRecord, pricing: Pricing, *, ended_wall: float | No
 class UsageWriter:
     """The batching :class:`UsageSink` (module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, pricing: Pricing, clock: Clock, *, batch_size: int = 500,
+    def __init__(self, engine: AsyncEngine, pricing: Pricing, clock: Clock, *, owner: str | None = None,
+                 batch_size: int = 500,
                  flush_interval_s: float = 1.0, max_pending: int = 100_000, close_timeout_s: float = 10.0,
                  on_charge: Callable[[RequestRecord, int], None] | None = None,
                  on_drop: Callable[[int], None] | None = None,
@@ -104,6 +114,8 @@ class UsageWriter:
         self._engine = engine
         self._pricing = pricing
         self._clock = clock
+        #: The gateway instance id written into every row (``usage_records.owner``).
+        self.owner = owner
         self._batch = batch_size
         self._interval = flush_interval_s
         self._max_pending = max_pending
@@ -146,7 +158,7 @@ class UsageWriter:
         while self._records:
             record, wall = self._records.popleft()
             try:
-                row = usage_row(record, self._pricing, ended_wall=wall)
+                row = usage_row(record, self._pricing, owner=self.owner, ended_wall=wall)
             except Exception as exc:  # noqa: BLE001 - one bad record must not stop metering
                 log.error("usage record could not be priced", extra={"error_type": type(exc).__name__})
                 continue

@@ -182,17 +182,6 @@ class CostReport:
 # -- from rows to the attribution's inputs --------------------------------------------------------
 
 
-def _owner_of(u: UsageRow, by_replica: Mapping[str, list[IntervalRow]], now: datetime) -> IntervalRow | None:
-    """The interval that served ``u``: the same replica id, running when the request started (several
-    gateways may run a "local-0": then the one of the same pool, else the earliest-started)."""
-    if u.replica_id is None:
-        return None
-    found = [iv for iv in by_replica.get(u.replica_id, ()) if iv.started_at <= u.started_at <= iv.end_at(now)]
-    if len(found) > 1:
-        found = [iv for iv in found if iv.pool == u.pool] or found
-    return found[0] if found else None
-
-
 @dataclass(frozen=True, slots=True)
 class AttributionInput:
     intervals: tuple[IntervalCost, ...]
@@ -202,18 +191,18 @@ class AttributionInput:
 
 
 def attribution_input(window: CostWindow) -> AttributionInput:
-    """The window's rows as the attribution's inputs (:class:`IntervalCost`, :class:`UsageSlice`)."""
-    by_replica: dict[str, list[IntervalRow]] = {}
-    for iv in window.intervals:
-        by_replica.setdefault(iv.replica_id, []).append(iv)
+    """The window's rows as the attribution's inputs (:class:`IntervalCost`, :class:`UsageSlice`).
+
+    Each request goes to the interval that served it (:meth:`CostWindow.served_by`: on (owner,
+    replica id) when the record names its gateway, a guess by replica id and time for older ones).
+    """
+    served_by = window.served_by()
     intervals = tuple(IntervalCost(owner=iv.owner, replica_id=iv.replica_id, pool=iv.pool,
                                    usd_per_hour=iv.usd_per_hour, start=iv.started_at, end=iv.end_at(window.now))
                       for iv in window.intervals)
-    served_by: dict[str, IntervalRow | None] = {}
     usage: list[UsageSlice] = []
     for u in window.usage:
-        iv = _owner_of(u, by_replica, window.now)
-        served_by[u.request_id] = iv
+        iv = served_by[u.request_id]
         usage.append(UsageSlice(
             request_id=u.request_id, owner=iv.owner if iv is not None else "", replica_id=u.replica_id or "",
             tenant_id=u.tenant_id, key_id=u.key_id, model=u.model, pool=u.pool or "", start=u.started_at,

@@ -8,6 +8,7 @@ take. Windows are half-open ``[start, end)``. The reads:
 * :meth:`CostQueries.window`: everything the attribution of one window needs: the replica intervals
   that overlap it and the usage records that overlap it, from every tenant (a replica's cost is
   split over all the requests it served, so a tenant-scoped report still attributes over them all).
+  :meth:`CostWindow.served_by` joins a usage record to the interval of the replica that served it.
 * :meth:`CostQueries.sample_pages`: utilisation samples in time order, a page at a time (a month of
   samples of a large fleet does not fit in memory at once; the advice folds them as they come).
 
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from skyfleet.state.access import Database
 from skyfleet.state.models import ApiKey, ReplicaInterval, ReplicaSample, Tenant, UsageRecord
+from skyfleet.state.usage import STATIC_OWNER
 
 #: Most records one usage page returns.
 USAGE_LIMIT_MAX = 1000
@@ -54,12 +56,15 @@ class UsageRow:
     cached_tokens: int
     completion_tokens: int
     charged_usd_micros: int
+    #: The gateway instance that served it (``usage_records.owner``); None for records written
+    #: before migration 0007.
+    owner: str | None = None
 
     def json(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id, "tenant_id": self.tenant_id, "key_id": self.key_id,
-            "model": self.model, "route": self.route, "replica_id": self.replica_id, "pool": self.pool,
-            "status": self.status, "http_status": self.http_status,
+            "model": self.model, "route": self.route, "owner": self.owner, "replica_id": self.replica_id,
+            "pool": self.pool, "status": self.status, "http_status": self.http_status,
             "started_at": self.started_at.isoformat(), "ended_at": self.ended_at.isoformat(),
             "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens, "charged_usd_micros": self.charged_usd_micros,
@@ -132,6 +137,40 @@ class CostWindow:
     intervals: tuple[IntervalRow, ...]
     usage: tuple[UsageRow, ...]
 
+    def served_by(self) -> dict[str, IntervalRow | None]:
+        """Request id -> the interval of the replica that served it (None: no interval covers it).
+
+        A record with an ``owner`` joins exactly on (owner, replica id): the interval of its gateway's
+        own replica, or the shared one of a static replica (owner ``static``), the one running when
+        the request started (else the one it overlaps: intervals of one replica do not overlap).
+        A record without (written before migration 0007) is matched the old way, a guess: an
+        interval of the same replica id running when the request started; if several gateways ran
+        a replica of that id then (local ids repeat: ``local-0``), the one of the same pool, else the
+        earliest-started. Such a guess can give one gateway's request to another's replica.
+        """
+        by_replica: dict[str, list[IntervalRow]] = {}
+        for iv in self.intervals:
+            by_replica.setdefault(iv.replica_id, []).append(iv)
+        return {u.request_id: _served_by(u, by_replica.get(u.replica_id or "", []), self.now)
+                for u in self.usage}
+
+
+def _served_by(u: UsageRow, same_id: Sequence[IntervalRow], now: datetime) -> IntervalRow | None:
+    if u.replica_id is None:
+        return None
+    if u.owner is not None:
+        # Its gateway's own replica first; a static replica's interval is shared (owner "static").
+        mine = ([iv for iv in same_id if iv.owner == u.owner]
+                + [iv for iv in same_id if iv.owner == STATIC_OWNER])
+        covering = [iv for iv in mine if iv.started_at <= u.started_at <= iv.end_at(now)]
+        overlapping = [iv for iv in mine if iv.started_at <= u.ended_at and u.started_at <= iv.end_at(now)]
+        found = covering or overlapping
+        return found[0] if found else None
+    found = [iv for iv in same_id if iv.started_at <= u.started_at <= iv.end_at(now)]
+    if len(found) > 1:
+        found = [iv for iv in found if iv.pool == u.pool] or found
+    return found[0] if found else None
+
 
 class UnknownCursorError(ValueError):
     """``after`` names no usage record visible to the caller."""
@@ -141,7 +180,7 @@ _USAGE_COLUMNS = (UsageRecord.request_id, UsageRecord.tenant_id, UsageRecord.key
                   UsageRecord.route, UsageRecord.replica_id, UsageRecord.pool, UsageRecord.status,
                   UsageRecord.http_status, UsageRecord.started_at, UsageRecord.ended_at, UsageRecord.ttft_ms,
                   UsageRecord.prompt_tokens, UsageRecord.cached_tokens, UsageRecord.completion_tokens,
-                  UsageRecord.charged_usd_micros)
+                  UsageRecord.charged_usd_micros, UsageRecord.owner)
 _INTERVAL_COLUMNS = (ReplicaInterval.id, ReplicaInterval.owner, ReplicaInterval.replica_id, ReplicaInterval.pool,
                      ReplicaInterval.model, ReplicaInterval.engine, ReplicaInterval.instance_type,
                      ReplicaInterval.region, ReplicaInterval.tier, ReplicaInterval.usd_per_hour,

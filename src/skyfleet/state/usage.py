@@ -21,14 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from skyfleet.state.access import Database
 from skyfleet.state.models import ReplicaInterval, ReplicaSample, UsageRecord
 
-#: Rows per INSERT statement (16 columns x 1000 stays under SQLite's and asyncpg's bind limits).
+#: Rows per INSERT statement (17 columns x 1000 stays under SQLite's and asyncpg's bind limits of 32766).
 _ROWS_PER_STATEMENT = 1000
 
 #: The owner of intervals of configured external replicas, shared by every gateway listing them.
 STATIC_OWNER = "static"
 
-USAGE_COLUMNS = ("request_id", "tenant_id", "key_id", "model", "route", "replica_id", "pool", "status",
-                 "http_status", "started_at", "ended_at", "ttft_ms", "prompt_tokens", "cached_tokens",
+#: ``owner`` is the gateway instance that served the request (the owner of its local replicas' intervals);
+#: None for records written before migration 0007.
+USAGE_COLUMNS = ("request_id", "tenant_id", "key_id", "model", "route", "owner", "replica_id", "pool",
+                 "status", "http_status", "started_at", "ended_at", "ttft_ms", "prompt_tokens", "cached_tokens",
                  "completion_tokens", "charged_usd_micros")
 
 
