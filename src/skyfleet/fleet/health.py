@@ -20,6 +20,8 @@ log = logging.getLogger("skyfleet.health")
 
 #: Failed checks in a row before a READY replica leaves routing.
 FAILURES_TO_DEMOTE = 2
+#: How UpstreamClient.get_text names a timed-out check.
+_TIMEOUTS = frozenset({"TimeoutError", "ServerTimeoutError", "ConnectionTimeoutError"})
 
 
 class HealthChecker:
@@ -66,10 +68,16 @@ class HealthChecker:
         for entry, (status, detail) in zip(entries, results, strict=True):
             if self._registry.get(entry.spec.id) is not entry:
                 continue  # replaced while we were checking
+            answering = entry.completed > entry.completed_at_check
+            entry.completed_at_check = entry.completed
             if status == 200:
                 if entry.state != ReplicaState.READY:
                     log.info("replica ready", extra={"replica_id": entry.spec.id})
                 self._registry.set_state(entry.spec.id, ReplicaState.READY)
+                continue
+            if status == 0 and detail in _TIMEOUTS and answering:
+                # A slow /health on a replica that keeps finishing requests is load (ours or its own),
+                # not death: a dead one fails its requests' connections, which the proxy reports at once.
                 continue
             entry.consecutive_failures += 1
             if entry.state == ReplicaState.READY and entry.consecutive_failures >= FAILURES_TO_DEMOTE:

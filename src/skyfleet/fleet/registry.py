@@ -28,6 +28,9 @@ class ReplicaEntry:
     last_error: str | None = None
     consecutive_failures: int = 0
     served: int = 0
+    #: Requests completed (released) so far; the health checker compares it between rounds.
+    completed: int = 0
+    completed_at_check: int = 0
 
 
 @dataclass(slots=True)
@@ -122,6 +125,7 @@ class ReplicaRegistry:
         entry = self.entries.get(replica_id)
         if entry is not None and entry.outstanding > 0:
             entry.outstanding -= 1
+            entry.completed += 1
 
     # -- change notification ----------------------------------------------------------------
     def _notify(self) -> None:
