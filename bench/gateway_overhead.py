@@ -76,11 +76,27 @@ def start_sim(port: int, *, paced: str | None, logdir: Path) -> subprocess.Popen
     return proc
 
 
-def start_skyfleet(workdir: Path, fast_port: int, paced_port: int) -> tuple[subprocess.Popen[bytes], str, str]:
+#: The "skyfleet+guards" target: rate limits and a hard budget enforced through Redis on every
+#: request (limits high enough that nothing is refused), to measure what admission costs.
+GUARDS_ENV = {"SKYFLEET_REDIS_URL": "redis://127.0.0.1:6379/0",
+              "SKYFLEET_LIMITS__DEFAULT_TENANT_RPM": "1000000000", "SKYFLEET_LIMITS__DEFAULT_TENANT_TPM": "1000000000000"}
+
+
+def add_budget(url: str, workdir: Path, name: str) -> None:
+    """A monthly hard budget for the default tenant, far above what the run spends."""
+    admin = re.search(r"Admin key\s+\([^)]*\):\s+(\S+)", (workdir / f"{name}.out").read_text())
+    assert admin is not None, "no admin key printed"
+    r = httpx.post(url + "/admin/v1/budgets", headers={"Authorization": f"Bearer {admin.group(1)}"},
+                   json={"tenant": "default", "period": "monthly", "hard_limit_usd": "100000"})
+    r.raise_for_status()
+
+
+def start_skyfleet(workdir: Path, fast_port: int, paced_port: int, *, name: str = "skyfleet",
+                   extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYFLEET_")}
     env.update({
-        "SKYFLEET_DATA_DIR": str(workdir / ".skyfleet"),
+        "SKYFLEET_DATA_DIR": str(workdir / f".{name}"),
         "SKYFLEET_LOCAL__REPLICAS": "0",
         "SKYFLEET_STATIC_REPLICAS": json.dumps([
             {"url": f"http://127.0.0.1:{fast_port}", "model": "sim-model", "engine": "sim"},
@@ -88,9 +104,10 @@ def start_skyfleet(workdir: Path, fast_port: int, paced_port: int) -> tuple[subp
              "engine": "sim"},
         ]),
     })
-    out = workdir / "skyfleet.out"
+    env.update(extra_env or {})
+    out = workdir / f"{name}.out"
     proc = subprocess.Popen(["taskset", "-c", CPU_TARGET, PY, "-m", "skyfleet", "serve", "--port", str(port)],
-                            env=env, stdout=open(out, "wb"), stderr=open(workdir / "skyfleet.err", "wb"))
+                            env=env, stdout=open(out, "wb"), stderr=open(workdir / f"{name}.err", "wb"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/readyz", 60)
     key = re.search(r"API key\s+\(member\):\s+(\S+)", out.read_text()).group(1)  # type: ignore[union-attr]
@@ -273,6 +290,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the harness)")
     ap.add_argument("--skip-litellm", action="store_true")
+    ap.add_argument("--guards", action="store_true",
+                    help="also measure skyfleet with Redis rate limits and a hard budget on every request")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_overhead")
     args = ap.parse_args()
     dur = 3.0 if args.quick else 8.0
@@ -285,6 +304,12 @@ def main() -> int:
         procs += [*sims, sky]
         targets: list[tuple[str, str, str | None, int | None]] = [
             ("direct", f"http://127.0.0.1:{fast_port}", None, None), ("skyfleet", sky_url, sky_key, sky.pid)]
+        if args.guards:
+            guarded, g_url, g_key = start_skyfleet(workdir, fast_port, paced_port, name="guarded",
+                                                  extra_env=GUARDS_ENV)
+            procs.append(guarded)
+            add_budget(g_url, workdir, "guarded")
+            targets.append(("skyfleet+guards", g_url, g_key, guarded.pid))
         if not args.skip_litellm:
             exe = ensure_litellm()
             results["litellm_version"] = subprocess.run(
