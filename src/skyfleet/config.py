@@ -493,6 +493,9 @@ class Settings(BaseSettings):
     bootstrap: bool = Field(True, description="On first start, create a `default` tenant and print its keys.")
     local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
     static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
+    fleet_spec: Path | None = Field(
+        None, description="Fleet spec YAML (pools, SLO, schedules per model; skyfleet.fleet.spec), validated "
+        "against the instance catalog at start. None: no fleet controller.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
@@ -548,6 +551,14 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: file not found: {path}")
         return self
+
+    @field_validator("fleet_spec")
+    @classmethod
+    def _fleet_spec_file(cls, v: Path | None) -> Path | None:
+        # Only that it exists here; its content is validated by skyfleet.fleet.spec.load_fleet_spec.
+        if v is not None and not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
 
     @property
     def key_path(self) -> Path:

@@ -10,6 +10,7 @@ import typer
 
 from skyfleet.cli import audit, authz, budgets, certs, engine, keyrotation, keys, sessions, tenants
 from skyfleet.cli import cost as cost_cli
+from skyfleet.cli import k8s as k8s_cli
 from skyfleet.cli.common import ConfigOption
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.add_typer(authz.app, name="authz")
 app.add_typer(audit.app, name="audit")
 app.add_typer(budgets.app, name="budgets")
 app.add_typer(cost_cli.app, name="cost")
+app.add_typer(k8s_cli.app, name="k8s")
 
 
 @app.command("serve")

@@ -362,3 +362,29 @@ class BudgetReservation(Base):
     period_start: Mapped[datetime] = mapped_column(UTCDateTime())
     amount_usd_micros: Mapped[int] = mapped_column(BigInteger())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# Fleet controller (migration 0008): policy state per model, decision history. See skyfleet.state.fleet.
+
+
+class FleetState(Base):
+    __tablename__ = "fleet_state"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: JSON of skyfleet.fleet.policy.base.PolicyState.to_json().
+    state: Mapped[str] = mapped_column(Text())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class FleetDecision(Base):
+    __tablename__ = "fleet_decisions"
+    __table_args__ = (Index("ix_fleet_decisions_model_at", "model", "at"), Index("ix_fleet_decisions_at", "at"))
+
+    id: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: JSON object of numbers (or null) only: what the decision was made from.
+    inputs: Mapped[str] = mapped_column(Text())
+    #: JSON of skyfleet.fleet.policy.base.Decision.to_json().
+    decision: Mapped[str] = mapped_column(Text())
+    reason: Mapped[str] = mapped_column(Text())
