@@ -15,7 +15,13 @@ from skyfleet.errors import ConflictError
 from skyfleet.state import Store
 from skyfleet.state.conversations import ConversationRepository, ResponseRepository
 from skyfleet.state.models import Base, Conversation
-from skyfleet.state.reencrypt import SEALED_COLUMNS, count_older, reencrypt_tenant, rotate_dek
+from skyfleet.state.reencrypt import (
+    SEALED_COLUMNS,
+    ReencryptProgress,
+    count_older,
+    reencrypt_tenant,
+    rotate_dek,
+)
 
 from .rotation_helpers import dek_versions, message, plaintexts, populate, sealed_blobs
 
@@ -67,10 +73,19 @@ async def test_concurrent_writes_during_reencryption_are_not_lost(
     await populate(secure_store, acme, "acme", conversations=3, items=10)
     conv_ids = [c for c in await plaintexts(secure_store, *fresh_repositories(secure_store, key_provider), acme)
                 if c.startswith("conv_")]
-    # A second gateway whose keyring still believes version 1 is current (its clock stands still).
-    stale_keyring = TenantKeyring(secure_store.engine, key_provider, ManualClock())
+    # A second gateway whose keyring still believes version 1 is current: it writes under version 1
+    # throughout the first pass, and follows the rotation (its current_ttl_s runs out) once the
+    # second pass starts, as every gateway does within seconds. A writer that never followed would
+    # add old records as fast as the passes re-encrypt them: every pass would find more to do than
+    # the one before, and the rotation would only end at max_passes, after minutes on a slow machine.
+    stale_clock = ManualClock()
+    stale_keyring = TenantKeyring(secure_store.engine, key_provider, stale_clock)
     await stale_keyring.data_key(acme)
     stale = ConversationRepository(secure_store.engine, stale_keyring)
+    # A third one that has not seen the rotation yet when it ends (its clock stands still).
+    lagging_keyring = TenantKeyring(secure_store.engine, key_provider, ManualClock())
+    await lagging_keyring.data_key(acme)
+    lagging = ConversationRepository(secure_store.engine, lagging_keyring)
     live = secure_store.conversations
     expected_meta: dict[str, dict[str, str]] = {}
     added: dict[str, list[str]] = {c: [] for c in conv_ids}
@@ -93,16 +108,24 @@ async def test_concurrent_writes_during_reencryption_are_not_lost(
         except BaseException as exc:
             failures.append(exc)
 
+    followed: list[int] = []
+
+    def follow_in_pass_two(progress: ReencryptProgress) -> None:
+        if progress.pass_no >= 2 and not followed:
+            stale_clock.advance(stale_keyring.current_ttl_s)  # its belief in version 1 expires
+            followed.append(progress.pass_no)
+
     tasks = [asyncio.create_task(writer(live, "live")), asyncio.create_task(writer(stale, "stale"))]
     try:
-        report = await rotate_dek(secure_store.engine, secure_store.keyring, acme, batch_size=3)
+        report = await rotate_dek(secure_store.engine, secure_store.keyring, acme, batch_size=3,
+                                  progress=follow_in_pass_two)
     finally:
         stop.set()
         await asyncio.gather(*tasks)
     assert failures == []
     assert report.target_version == 2 and report.reencrypted > 0
-    # The stale gateway writes once more under version 1, after the pass; then picks up version 2.
-    await stale.update_metadata(acme, conv_ids[0], {"writer": "stale", "n": "last"})
+    # The lagging gateway writes under version 1 after the passes; the last pass picks it up.
+    await lagging.update_metadata(acme, conv_ids[0], {"writer": "stale", "n": "last"})
     expected_meta[conv_ids[0]] = {"writer": "stale", "n": "last"}
     assert await count_older(secure_store.engine, acme, 2) >= 1
     final = await rotate_dek(secure_store.engine, secure_store.keyring, acme, new_version=False, retire_old=True,
