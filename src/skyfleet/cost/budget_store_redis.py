@@ -22,16 +22,14 @@ them all)::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from skyfleet.cost.budgets import (
     BudgetDef,
@@ -42,6 +40,7 @@ from skyfleet.cost.budgets import (
     ReserveLine,
     Settlement,
 )
+from skyfleet.state.redis_lua import LuaScript
 
 #: How long after its window ends a daily or monthly counter is kept.
 KEEP_AFTER_END = timedelta(days=1)
@@ -129,17 +128,9 @@ return out
 """
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-_RESERVE, _SETTLE, _STATE = _Script.of(RESERVE), _Script.of(SETTLE), _Script.of(STATE)
+_RESERVE, _SETTLE, _STATE = LuaScript.of(RESERVE), LuaScript.of(SETTLE), LuaScript.of(STATE)
 _ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -159,13 +150,10 @@ class RedisBudgetCounters:
         base = f"{self._prefix}:{{{counter.tenant_id}}}:{counter.budget_id}:{int(counter.period_start.timestamp())}"
         return [base, base + ":res", base + ":amt"]
 
-    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             async with asyncio.timeout(self._timeout_s):
-                try:
-                    return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    return await self.client.eval(script.source, len(keys), *keys, *args)
+                return await script.run(self.client, keys, args)
         except _ERRORS as exc:
             raise BudgetUnavailableError(type(exc).__name__) from None
 
@@ -191,18 +179,7 @@ class RedisBudgetCounters:
             calls.append((s, keys, args))
         try:
             async with asyncio.timeout(self._timeout_s * 4):
-                pipe = self.client.pipeline(transaction=False)
-                for _, keys, args in calls:
-                    pipe.evalsha(_SETTLE.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-                if any(isinstance(r, NoScriptError) for r in results):
-                    again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-                    pipe = self.client.pipeline(transaction=False)
-                    for i in again:
-                        _, keys, args = calls[i]
-                        pipe.eval(_SETTLE.source, len(keys), *keys, *args)
-                    for i, r in zip(again, await pipe.execute(raise_on_error=False), strict=True):
-                        results[i] = r
+                results = await _SETTLE.run_many(self.client, [(keys, args) for _, keys, args in calls])
         except _ERRORS as exc:
             raise BudgetUnavailableError(type(exc).__name__) from None
         for (s, _, _), raw in zip(calls, results, strict=True):

@@ -22,17 +22,15 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from skyfleet.gateway.ratelimit import (
     PERIOD_S,
@@ -41,6 +39,7 @@ from skyfleet.gateway.ratelimit import (
     Decision,
     LimiterUnavailableError,
 )
+from skyfleet.state.redis_lua import LuaScript
 
 log = logging.getLogger("skyfleet.ratelimit")
 
@@ -120,18 +119,10 @@ return n
 """
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-_ACQUIRE = _Script.of(ACQUIRE)
-_ADJUST = _Script.of(ADJUST)
+_ACQUIRE = LuaScript.of(ACQUIRE)
+_ADJUST = LuaScript.of(ADJUST)
 _ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -163,11 +154,8 @@ class RedisBuckets:
     def _args(self, limits: Sequence[int], values: Sequence[float]) -> list[Any]:
         return ["" if self._now is None else repr(self._now()), self._period, *limits, *values]
 
-    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self.client.eval(script.source, len(keys), *keys, *args)
+    async def _run(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await script.run(self.client, keys, args)
 
     async def acquire(self, keys: Sequence[str], limits: Sequence[int], costs: Sequence[float]) -> Decision:
         if self._down and time.monotonic() < self._down_until:
@@ -202,21 +190,12 @@ class RedisBuckets:
         calls = [(keys, self._args(limits, deltas)) for keys, limits, deltas in batch]
         try:
             async with asyncio.timeout(self._timeout_s):
-                pipe = self.client.pipeline(transaction=False)
-                for keys, args in calls:
-                    pipe.evalsha(_ADJUST.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-                again = [c for c, r in zip(calls, results, strict=True) if isinstance(r, NoScriptError)]
-                if again:
-                    pipe = self.client.pipeline(transaction=False)
-                    for keys, args in again:
-                        pipe.eval(_ADJUST.source, len(keys), *keys, *args)
-                    results = [*results, *await pipe.execute(raise_on_error=False)]
+                results = await _ADJUST.run_many(self.client, calls)
         except _ERRORS as exc:
             self._failed(exc)
             log.warning("rate-limit reconciliation dropped", extra={"adjustments": len(batch)})
             return
-        failed = sum(isinstance(r, Exception) and not isinstance(r, NoScriptError) for r in results)
+        failed = sum(isinstance(r, Exception) for r in results)
         if failed:
             log.warning("rate-limit reconciliation failed", extra={"adjustments": failed})
 
