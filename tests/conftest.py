@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from skyfleet.state import Store
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SKYFLEET_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -45,3 +50,15 @@ def pg_database_url() -> Iterator[str]:
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh store on SQLite in the test's temporary directory (migrated, no encryption keys)."""
+    from skyfleet.state import Store
+
+    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        yield opened
+    finally:
+        await opened.close()

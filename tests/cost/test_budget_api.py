@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
-import uvicorn
 from aiohttp import web
 from typer.testing import CliRunner
 
 from skyfleet.cli.app import app as cli
 from skyfleet.engines.sim import SimProfile
 from skyfleet.engines.sim import build_app as sim_app
+from tests.threaded_server import serve_in_thread
 from tests.unit.iam_app import App, bearer, in_process_app
 
 MODEL = "m"
@@ -30,26 +27,8 @@ MODEL = "m"
 
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(sim_app(SimProfile(), model="sim-model", fast=True), lifespan="on",
-                                           access_log=False, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the sim engine did not start"
-        time.sleep(0.01)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(sim_app(SimProfile(), model="sim-model", fast=True)) as url:
+        yield url
 
 
 class Hook:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,6 @@ from skyfleet.state.models import ReplicaInterval, ReplicaSample, UsageRecord
 
 WALL0 = 1_800_000_000.0
 
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

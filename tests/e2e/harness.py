@@ -19,6 +19,7 @@ import httpx
 import openai
 
 MODEL = "smollm2-135m-instruct"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 _KEY = re.compile(r"(API key|Admin key)\s+\([^)]*\):\s+(sk-sf-\S+)")
 
@@ -132,7 +133,7 @@ def gateway_env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 
 def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 90, via_make: bool = False,
-                  tls_ca: Path | None = None, **settings: str) -> Gateway:
+                  tls_ca: Path | None = None, min_ready: int | None = None, **settings: str) -> Gateway:
     """Start ``skyfleet serve`` (or the README's ``make serve``) and wait until its replicas are in routing."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / ".skyfleet"
@@ -161,7 +162,8 @@ def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 
 
     threading.Thread(target=read_stdout, daemon=True).start()
     try:
-        wait_until(lambda: gw.ready(max(1, replicas)) or proc.poll() is not None, ready_timeout_s, 0.1,
+        want = max(1, replicas) if min_ready is None else min_ready
+        wait_until(lambda: gw.ready(want) or proc.poll() is not None, ready_timeout_s, 0.1,
                    "gateway readiness")
     except TimeoutError:
         proc.kill()
@@ -169,3 +171,21 @@ def start_gateway(workdir: Path, *, replicas: int = 2, ready_timeout_s: float = 
     if proc.poll() is not None:
         raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.logs()[-3000:]}")
     return gw
+
+
+def redis_keys(prefix: str) -> list[bytes]:
+    """The keys under ``prefix`` in the test Redis."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        return list(client.scan_iter(match=f"{prefix}*"))
+
+
+def drop_redis_keys(prefix: str) -> None:
+    """Delete what a test wrote under ``prefix`` in the test Redis."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)

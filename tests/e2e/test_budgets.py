@@ -12,14 +12,20 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from skyfleet.cost.budgets import prompt_token_bound
 from skyfleet.cost.pricing import PoolPrice, TokenWeights
 from skyfleet.gateway.proxy import usage_of
-from tests.e2e.harness import MODEL, Gateway, start_gateway, wait_until
+from tests.e2e.harness import (
+    MODEL,
+    REDIS_URL,
+    Gateway,
+    drop_redis_keys,
+    redis_keys,
+    start_gateway,
+    wait_until,
+)
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 PROMPT = "Say hi"
 MAX_TOKENS = 4
 HARD_MICROS = 1_000_000  # $1
@@ -94,8 +100,12 @@ def test_500_concurrent_requests_on_two_gateways_never_overspend_one_hard_budget
                 assert f"tenant's daily budget ({budget_id})" in err["message"]
                 assert r.headers["x-should-retry"] == "false"
         assert 50 <= len(served) < 500, len(served)  # the budget was the limit, and it let many through
-        for half in (responses[0::2], responses[1::2]):  # both gateways served some
-            assert any(r.status_code == 200 for r in half)
+        # Both gateways took part: each answered its 250 requests, and every refusal above is the shared budget's.
+        # (Which one serves more is a race: the first to reserve can take the whole budget, so the other may
+        # refuse all of its requests, which shows the sharing just as well.)
+        for half in (responses[0::2], responses[1::2]):
+            assert len(half) == 250 and {r.status_code for r in half} <= {200, 429}
+        assert any(r.status_code == 429 for r in responses)
 
         # Settled: nothing left reserved; the spend is exactly the charges of the served requests.
         wait_until(lambda: _current(a, budget_id)["reserved_usd_micros"] == 0, 30, 0.1, "settlement")
@@ -116,13 +126,9 @@ def test_500_concurrent_requests_on_two_gateways_never_overspend_one_hard_budget
         assert samples and max(samples) <= HARD_MICROS, max(samples)
         assert sum(1 for r in responses if r.status_code == 429) >= 1
         if backend == "redis":
-            with redis.Redis.from_url(REDIS_URL) as client:
-                assert list(client.scan_iter(match=f"{prefix}:*")), "the counters never reached Redis"
+            assert redis_keys(f"{prefix}:"), "the counters never reached Redis"
     finally:
         if b is not None:
             b.stop()
         a.stop()
-        with redis.Redis.from_url(REDIS_URL) as client:
-            keys = list(client.scan_iter(match=f"{prefix}*"))
-            if keys:
-                client.delete(*keys)
+        drop_redis_keys(prefix)

@@ -11,12 +11,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis
 
-from tests.e2e.harness import MODEL, Gateway, start_gateway, wait_until
+from tests.e2e.harness import (
+    MODEL,
+    REDIS_URL,
+    Gateway,
+    drop_redis_keys,
+    redis_keys,
+    start_gateway,
+    wait_until,
+)
 
 LIMIT = 60  # requests per minute: refills one per second
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 async def _burst(gateways: list[Gateway], key: str, total: int) -> tuple[list[httpx.Response], float]:
@@ -109,13 +115,9 @@ def test_two_gateways_share_one_tenant_limit_through_redis(tmp_path: Path, pg_da
         assert [len(responses[i::2]) for i in (0, 1)] == [75, 75]
         for gw in (a, b):
             assert gw.metric("skyfleet_ratelimit_unavailable_total", key=a.admin_key) == 0
-        with redis.Redis.from_url(REDIS_URL) as client:
-            assert list(client.scan_iter(match=f"{prefix}*")), "the limiter never wrote to Redis"
+        assert redis_keys(prefix), "the limiter never wrote to Redis"
     finally:
         if b is not None:
             b.stop()
         a.stop()
-        with redis.Redis.from_url(REDIS_URL) as client:
-            keys = list(client.scan_iter(match=f"{prefix}*"))
-            if keys:
-                client.delete(*keys)
+        drop_redis_keys(prefix)

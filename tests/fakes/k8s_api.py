@@ -41,23 +41,24 @@ Served by ``http.server`` in a thread on 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.http_server import FakeHttpServer
 
 _SCALE = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/statefulsets/([^/]+)/scale$")
 _STS = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/statefulsets/([^/]+)$")
 _PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 _POD = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
 _VERBS = {"GET": "get", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
 
 
 def _ts(t: datetime) -> str:
@@ -193,7 +194,7 @@ def json_patch(doc: dict[str, Any], ops: list[Any]) -> dict[str, Any]:
     return doc
 
 
-class FakeKubernetesApi:
+class FakeKubernetesApi(FakeHttpServer):
     """``with FakeKubernetesApi(token=...) as k8s: k8s.add_statefulset(...); k8s.url``."""
 
     def __init__(self, *, token: str, auto_ready: bool = True,
@@ -207,64 +208,7 @@ class FakeKubernetesApi:
         self.fail_next: list[int] = []
         self._rv = 100
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[Any] = set()
-
-    # -- lifecycle --
-
-    def start(self) -> FakeKubernetesApi:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def _handle(self) -> None:
-                fake._dispatch(self)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-        connections = self._connections
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def process_request_thread(self, request: Any, client_address: Any) -> None:
-                connections.add(request)
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    connections.discard(request)
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-k8s",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            for connection in list(self._connections):
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> FakeKubernetesApi:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        super().__init__(name="fake-k8s")
 
     # -- test controls (the cluster's side) --
 

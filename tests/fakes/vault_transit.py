@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import re
-import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +47,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tests.fakes.http_server import FakeHttpServer
+
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.@-]*"
 _DERIVED_WITHOUT_CONTEXT = (
     "missing 'context' for key derivation; the key was created using a derived key, which means additional, "
     "per-request information must be included in order to perform operations with the key"
 )
+
 
 
 class VaultError(Exception):
@@ -157,82 +157,17 @@ def _b64(body: dict[str, Any], name: str, what: str) -> bytes | None:
         raise VaultError(400, f"failed to base64-decode {what}") from None
 
 
-class FakeVaultTransit:
+class FakeVaultTransit(FakeHttpServer):
     """The fake server; ``with FakeVaultTransit(token=...) as vault: vault.url``."""
 
     def __init__(self, *, token: str, mount: str = "transit", tls: tuple[Path, Path] | None = None) -> None:
         self.token = token
         self.mount = mount.strip("/")
-        self._tls = tls
         self.keys: dict[tuple[str, str], TransitKey] = {}
         self.requests: list[tuple[str, str, str]] = []  # (method, path, namespace)
         self.fail_next: list[int] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[Any] = set()
-
-    # -- lifecycle --
-
-    def start(self) -> FakeVaultTransit:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-            def _handle(self) -> None:
-                fake._dispatch(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _handle
-
-        connections = self._connections
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def process_request_thread(self, request: Any, client_address: Any) -> None:
-                connections.add(request)
-                try:
-                    super().process_request_thread(request, client_address)
-                finally:
-                    connections.discard(request)
-
-        server = Server(("127.0.0.1", 0), Handler)
-        if self._tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(str(self._tls[0]), str(self._tls[1]))
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-vault", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and drop the open (kept-alive) connections, as a dead server would."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            for connection in list(self._connections):
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> FakeVaultTransit:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        scheme = "https" if self._tls is not None else "http"
-        host = "localhost" if self._tls is not None else "127.0.0.1"
-        return f"{scheme}://{host}:{self._server.server_address[1]}"
+        super().__init__(name="fake-vault", tls=tls)
 
     def key(self, name: str, namespace: str = "") -> TransitKey | None:
         with self._lock:

@@ -4,9 +4,6 @@ and the wiring through a real in-process gateway (SQLite store, simulated engine
 from __future__ import annotations
 
 import math
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +11,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +37,7 @@ from skyfleet.gateway.ratelimit import (
 )
 from skyfleet.iam.principal import Principal
 from skyfleet.runtime import Gateway
+from tests.threaded_server import serve_in_thread
 
 SLOW = settings(deadline=None, max_examples=150)
 
@@ -357,27 +354,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(sim_app(SimProfile(), model="sim-model", fast=True), lifespan="on", access_log=False,
-                            log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the sim engine did not start"
-        time.sleep(0.01)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(sim_app(SimProfile(), model="sim-model", fast=True)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
