@@ -39,6 +39,38 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says which field and why."""
 
 
+class FleetControllerSettings(BaseModel):
+    """The fleet controller run by ``skyfleet serve`` when ``fleet_spec`` is set (skyfleet.fleet.controller)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    interval_s: float = Field(10.0, gt=0, le=3600, description="Seconds between two controller rounds (a "
+                              "request waiting for a cold start or a preemption notice runs one at once).")
+    cold_start_max_wait_s: float = Field(
+        60.0, gt=0, le=3600, description="How long a request for a model with no ready replica waits for one "
+        "to start before it gets 503 with Retry-After (gateway/admission.py).")
+    cold_start_max_queued: int = Field(1000, ge=1, le=1_000_000,
+                                       description="Most requests waiting for a cold start per model.")
+    drain_grace_s: float = Field(30.0, ge=0, le=3600, description="How long a replica being scaled down or "
+                                 "drained may finish its in-flight requests before it is stopped.")
+    retry_base_s: float = Field(5.0, gt=0, le=3600, description="First retry delay of a pool whose provider "
+                                "failed (doubling per failure).")
+    retry_max_s: float = Field(300.0, gt=0, le=86_400, description="Longest retry delay of a failing pool.")
+    provider: Literal["local", "kubernetes"] = Field(
+        "local", description="Who runs the spec's replicas: local (processes on this machine; pools of "
+        "instance_type local) or kubernetes (the StatefulSets `skyfleet k8s render` wrote, scaled through their "
+        "scale subresource; the gateway routes to them as the rendered static_replicas).")
+    kubernetes_namespace: str | None = Field(
+        None, max_length=63, description="kubernetes: the namespace of the StatefulSets; default: the gateway "
+        "pod's own (its service account's), else `default`.")
+    leader_lock: bool = Field(
+        True, description="With PostgreSQL, only the gateway holding an advisory lock runs the controller (the "
+        "others route and queue, and take over when it goes away). SQLite: one gateway, always the leader.")
+    local_spot_usd_per_hour: float = Field(
+        0.034, ge=0, le=10_000, allow_inf_nan=False, description="Price of a local replica in a spot pool "
+        "(instance_type local): an AWS c6i.large spot price in us-east-1, about 40% of on-demand.")
+
+
 class LocalEngineSettings(BaseModel):
     """Replicas that skyfleet starts and supervises on this machine (the local provider)."""
 
@@ -131,6 +163,9 @@ class StaticReplica(BaseModel):
     pool: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Cost pool the replica belongs to (reports, "
         "idle cost, nominal throughput); default: static.")
+    capacity: int = Field(
+        8, ge=1, le=4096, description="Requests it serves in parallel, for routing: load is balanced per unit of "
+        "capacity, so in a mixed fleet give a faster replica more (e.g. its batch at the SLO).")
 
     @model_validator(mode="after")
     def _cost(self) -> StaticReplica:
@@ -315,7 +350,11 @@ class Settings(BaseSettings):
     static_replicas: tuple[StaticReplica, ...] = Field((), description="Engines skyfleet routes to but does not run.")
     fleet_spec: Path | None = Field(
         None, description="Fleet spec YAML (pools, SLO, schedules per model; skyfleet.fleet.spec), validated "
-        "against the instance catalog at start. None: no fleet controller.")
+        "against the instance catalog at start. None: no fleet controller (local.replicas fixed replicas). "
+        "`skyfleet serve` runs pools of instance_type `local` (region `local`) as local replicas; local.replicas "
+        "is then not used.")
+    fleet: FleetControllerSettings = Field(default_factory=FleetControllerSettings,
+                                           description="The fleet controller's knobs (used with fleet_spec).")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)

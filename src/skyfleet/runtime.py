@@ -26,6 +26,7 @@ from skyfleet.fleet.health import HealthChecker
 from skyfleet.fleet.providers.local import LocalProvider
 from skyfleet.fleet.providers.static import register_static
 from skyfleet.fleet.registry import ReplicaRegistry
+from skyfleet.fleet.serving import ServedFleet
 from skyfleet.gateway.auth import Authenticator
 from skyfleet.gateway.cache_salt import CacheSalter, load_or_create_secret
 from skyfleet.gateway.context import CompositeObserver
@@ -60,6 +61,7 @@ class Gateway:
     usage: UsageSink = field(default_factory=DiscardUsage)  # cost/metering.py: one usage record per request
     cost_recorder: ReplicaCostRecorder | None = None  # cost/intervals.py: replica intervals and samples
     instance_id: str = field(default_factory=new_instance_id)  # owner of the replica intervals this gateway records
+    fleet: ServedFleet | None = None  # fleet/serving.py: the fleet controller and its local pools (fleet_spec)
     accepting: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -104,26 +106,34 @@ class Gateway:
                             flush_interval_s=c.usage_flush_interval_s, max_pending=c.usage_max_pending,
                             on_charge=metrics.observe_charge, on_drop=metrics.usage_dropped.inc,
                             on_write_error=metrics.usage_write_errors.inc)
-        proxy = Proxy(
-            registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock,
-            observer=CompositeObserver(metrics, limits, budgets, usage),
-            salter=CacheSalter(salt_secret), kv=kv,
-        )
         local = (
-            LocalProvider(settings.local, registry, settings.data_dir.resolve(), pricing)
-            if settings.local.replicas > 0
+            LocalProvider(settings.local, registry, settings.data_dir.resolve(), pricing, clock,
+                          grace_s=settings.fleet.drain_grace_s)
+            if settings.local.replicas > 0 or (settings.fleet_spec is not None and settings.fleet.provider == "local")
             else None
         )
-        health = HealthChecker(registry, upstream, interval_s=settings.health_interval_s)
-        audit = AuditLog(AuditRepository(store.engine), clock, registry=metrics.registry)
         recorder = ReplicaCostRecorder(store.engine, pricing, registry, clock, owner=instance_id,
                                        heartbeat_s=c.interval_heartbeat_s, sample_interval_s=c.sample_interval_s,
                                        tick_s=settings.health_interval_s)
+        fleet = None
+        if settings.fleet_spec is not None:
+            fleet = ServedFleet.build(settings, store_engine=store.engine, registry=registry, provider=local,
+                                     pricing=pricing, clock=clock, kv=kv, recorder=recorder)
+        proxy = Proxy(
+            registry=registry, policy=make_policy(settings.routing.policy, settings.routing.load_factor), upstream=upstream, clock=clock,
+            observer=CompositeObserver(metrics, limits, budgets, usage),
+            salter=CacheSalter(salt_secret), kv=kv, admission=fleet.admission if fleet is not None else None,
+        )
+        health = HealthChecker(registry, upstream, interval_s=settings.health_interval_s)
+        audit = AuditLog(AuditRepository(store.engine), clock, registry=metrics.registry)
         health.on_scrape.append(recorder.on_scrape)
+        if fleet is not None:
+            health.on_scrape.append(fleet.observe)
+            metrics.watch_fleet(fleet)
         metrics.set_prices(pricing.replica_costs())
         return cls(settings, store, clock, registry, upstream, auth, metrics, proxy, local, health,
                    limits=limits, audit=audit, budgets=budgets, pricing=pricing, usage=usage,
-                   cost_recorder=recorder, instance_id=instance_id)
+                   cost_recorder=recorder, instance_id=instance_id, fleet=fleet)
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -135,7 +145,16 @@ class Gateway:
             await self.local.start()
         if self.cost_recorder is not None:
             await self.cost_recorder.start()
-        self._tasks = [
+        fleet_tasks = []
+        if self.fleet is not None:
+            await self.fleet.controller.start()  # the persisted state: a restart resumes without churn
+            await self.fleet.controller.round()  # the leader asks for the first replicas before readiness
+            fleet_tasks = [
+                asyncio.create_task(self.fleet.controller.run(first_after_s=self.settings.fleet.interval_s),
+                                    name="fleet-controller"),
+                asyncio.create_task(self.fleet.controller.watch_events(), name="fleet-events"),
+            ]
+        self._tasks = [*fleet_tasks,
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self.auth.watch_revocations(self.settings.revocation_poll_s), name="revocations"),
             asyncio.create_task(self._sweep_retention(), name="retention"),
@@ -183,7 +202,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            models = self.registry.models()
+            models = self.registry.models_with_replicas()  # a model scaled to zero has none to wait for
             if all(self.registry.ready_count(m) > 0 for m in models):
                 return True
             left = deadline - loop.time()

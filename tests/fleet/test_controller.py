@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from skyfleet.clock import ManualClock
@@ -74,14 +72,6 @@ def metrics(generated: float, waiting: float) -> EngineMetrics:
                          cached_prompt_tokens_total=None, requests_total=None, ttft_seconds=None,
                          tpot_seconds=None, e2e_seconds=None, queue_seconds=None)
 
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def controller(store: Store, provider: FakeProvider, clock: ManualClock, **kw: Any) -> FleetController:

@@ -130,9 +130,14 @@ def test_pool_statefulsets_golden_fields(objects: list[dict[str, Any]]) -> None:
 
 
 def test_gateway_config_is_valid_settings_with_every_pool_ordinal(objects: list[dict[str, Any]],
-                                                                   spec: FleetSpec, catalog: Catalog) -> None:
+                                                                   spec: FleetSpec, catalog: Catalog,
+                                                                   tmp_path: Path) -> None:
     cm = find(objects, "ConfigMap", "skyfleet-gateway")
-    settings = Settings(**yaml.safe_load(cm["data"]["gateway.yaml"]))
+    raw = yaml.safe_load(cm["data"]["gateway.yaml"])
+    # the controller runs on the ConfigMap's fleet.yaml (mounted beside gateway.yaml), with this provider
+    assert raw["fleet_spec"] == "/etc/skyfleet/fleet.yaml" and raw["fleet"] == {"provider": "kubernetes"}
+    (tmp_path / "fleet.yaml").write_text(cm["data"]["fleet.yaml"])
+    settings = Settings(**{**raw, "fleet_spec": str(tmp_path / "fleet.yaml")})
     assert settings.keys.provider == "aws-kms" and settings.local.replicas == 0
     urls = [r.url for r in settings.static_replicas]
     assert len(urls) == 6 + 4 + 4  # every pool's max

@@ -19,6 +19,7 @@ from skyfleet.api import health
 from skyfleet.api.admin import audit as admin_audit
 from skyfleet.api.admin import budgets as admin_budgets
 from skyfleet.api.admin import costs as admin_costs
+from skyfleet.api.admin import fleet as admin_fleet
 from skyfleet.api.admin import routes as admin
 from skyfleet.api.conversations import router as conversations
 from skyfleet.api.deps import RequestIds, public
@@ -129,7 +130,7 @@ def build_app(gw: Gateway, *, manage_lifecycle: bool = True) -> FastPath:
 
     app = Starlette(
         routes=[*inference.routes, *models.routes, *responses.routes, *conversations.routes, *health.routes,
-                *admin.routes, *admin_audit.routes, *admin_budgets.routes, *admin_costs.routes,
+                *admin.routes, *admin_audit.routes, *admin_budgets.routes, *admin_costs.routes, *admin_fleet.routes,
                 Route("/openapi.json", openapi_json, methods=["GET"])],
         exception_handlers={SkyfleetError: _skyfleet_error, HTTPException: _http_error,
                             DecryptionError: _undecryptable, Exception: _unexpected},

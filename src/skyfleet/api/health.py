@@ -20,7 +20,10 @@ async def readyz(request: Request) -> JSONResponse:
     gw = gateway(request)
     models = {m: gw.registry.ready_count(m) for m in gw.registry.models()}
     db_ok = await gw.store.ping()
-    ready = gw.accepting and db_ok and bool(models) and all(n > 0 for n in models.values())
+    # A model the fleet controller manages is ready at zero replicas: its requests wait for a cold start
+    # (a load balancer that took the gateway out of rotation would keep it asleep for good).
+    ready = (gw.accepting and db_ok and bool(models)
+             and all(n > 0 or m in gw.registry.declared for m, n in models.items()))
     body = {"status": "ready" if ready else "not_ready", "accepting": gw.accepting, "database": db_ok,
             "ready_replicas": models}
     return JSONResponse(body, status_code=200 if ready else 503)

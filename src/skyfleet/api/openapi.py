@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 
 from skyfleet.api.admin import schema as admin_schema
 from skyfleet.api.admin.budget_schema import CreateBudget, UpdateBudget
+from skyfleet.api.admin.fleet import PreemptReplica, ScaleFleet
 from skyfleet.api.openai.schema import ChatCompletionRequest, CompletionRequest
 from skyfleet.api.responses.schema import CreateResponse
 
@@ -144,6 +145,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {"name": "since", "in": "query", "schema": {"type": "string"}},
         {"name": "until", "in": "query", "schema": {"type": "string"}},
         {"name": "tenant", "in": "query", "schema": {"type": "string"}}]),
+    ("GET", "/admin/v1/fleet"): Operation("Fleet status: pools, replicas, tier, $/hour, load, cold starts", "admin"),
+    ("GET", "/admin/v1/fleet/history"): Operation("Fleet controller decisions with their inputs", "admin", query=[
+        {"name": "model", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}}]),
+    ("POST", "/admin/v1/fleet/scale"): Operation("Pin a pool to a number of replicas (null: release it)", "admin",
+                                                 ScaleFleet),
+    ("POST", "/admin/v1/fleet/preempt"): Operation("Simulate a spot preemption of a local replica", "admin",
+                                                   PreemptReplica),
 }
 
 

@@ -91,6 +91,14 @@ class Catalog:
                 spot_usd_per_hr=o.spot_usd_per_hr if o.spot_usd_per_hr is not None else base.spot_usd_per_hr)
         return Catalog(types.values())
 
+    def with_local(self, ondemand_usd_per_hr: float, spot_usd_per_hr: float) -> Catalog:
+        """This catalog plus the instance type ``local`` in region ``local``: a replica process on the
+        gateway's own machine (the local provider), at the given prices."""
+        local = InstanceType(cloud="local", name="local", region="local", accelerator="cpu", accelerator_count=0,
+                             gpu_memory_gib=0, vcpus=2, memory_gib=4, ondemand_usd_per_hr=ondemand_usd_per_hr,
+                             spot_usd_per_hr=spot_usd_per_hr)
+        return Catalog([*self._types.values(), local])
+
     def cheapest(self, *, min_gpu_memory_gib: float, regions: Iterable[str] | None = None,
                  spot: bool = False) -> list[InstanceType]:
         """Instance types with at least this much GPU memory, cheapest first."""

@@ -134,6 +134,28 @@ class ReplicaCostRecorder:
         await store.close_intervals(self._engine, own, now)
         await store.heartbeat(self._engine, shared, now)
 
+    async def add(self, cost: ReplicaCost) -> None:
+        """A replica the fleet controller started: its interval opens now (this gateway owns it)."""
+        if cost.usd_per_hour is None or cost.replica_id in self._tracked:
+            return
+        t = _Tracked(cost, _spec(self.owner, cost))
+        self._tracked[cost.replica_id] = t
+        try:
+            await self._open(t, self._now())
+        except SkyfleetError as exc:  # the next heartbeat opens it
+            log.warning("replica interval not opened; retrying", extra={"error_code": exc.code})
+
+    async def remove(self, replica_id: str) -> None:
+        """A replica the fleet controller stopped: its interval ends now."""
+        t = self._tracked.pop(replica_id, None)
+        self._util.pop(replica_id, None)
+        if t is None or t.interval_id is None:
+            return
+        try:
+            await store.close_intervals(self._engine, [t.interval_id], self._now())
+        except SkyfleetError as exc:  # it ends at its last heartbeat
+            log.warning("replica interval not closed", extra={"error_code": exc.code})
+
     # -- samples ---------------------------------------------------------------------------------
     def on_scrape(self, replica_id: str, metrics: EngineMetrics) -> None:
         """The health checker's hook: the latest parsed ``/metrics`` of a replica (no I/O here)."""

@@ -39,8 +39,12 @@ class ReplicaRegistry:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _seq: int = 0
     _models: list[str] | None = None  # cached; membership changes reset it
+    #: models served even with no replica now (a fleet spec's, scaled to zero), with their context window
+    declared: dict[str, int | None] = field(default_factory=dict)
     #: called with the replica id when a replica stops (its process, and any state in it, is gone)
     on_stopped: list[Callable[[str], None]] = field(default_factory=list)
+    #: called with the replica id each time a replica becomes READY (providers time cold starts with it)
+    on_ready: list[Callable[[str], None]] = field(default_factory=list)
 
     # -- membership -------------------------------------------------------------------------
     def add(self, spec: ReplicaSpec, *, capacity: int = 1, state: ReplicaState = ReplicaState.STARTING) -> ReplicaEntry:
@@ -70,6 +74,8 @@ class ReplicaRegistry:
                 callback(replica_id)
         if state == ReplicaState.READY:
             entry.consecutive_failures = 0
+            for callback in self.on_ready:
+                callback(replica_id)
         self._notify()
 
     def mark_failed(self, replica_id: str, error: str) -> None:
@@ -82,14 +88,24 @@ class ReplicaRegistry:
     def get(self, replica_id: str) -> ReplicaEntry | None:
         return self.entries.get(replica_id)
 
+    def declare(self, model: str, context_window: int | None = None) -> None:
+        """Serve ``model`` even while it has no replica (requests then wait for a cold start)."""
+        self.declared[model] = context_window
+        self._notify()
+
     def models(self) -> list[str]:
         if self._models is None:
-            self._models = sorted({e.spec.model for e in self.entries.values()})
+            self._models = sorted({e.spec.model for e in self.entries.values()} | set(self.declared))
         return self._models
+
+    def models_with_replicas(self) -> list[str]:
+        return sorted({e.spec.model for e in self.entries.values()})
 
     def context_window(self, model: str) -> int | None:
         windows = [e.spec.context_window for e in self.entries.values() if e.spec.model == model]
         known = [w for w in windows if w]
+        if not known and self.declared.get(model):
+            known = [self.declared[model]]  # type: ignore[list-item]
         return min(known) if known else None
 
     def ready_count(self, model: str | None = None) -> int:

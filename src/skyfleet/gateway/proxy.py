@@ -28,6 +28,7 @@ from skyfleet.errors import NoReplicaAvailableError, SkyfleetError, UpstreamErro
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec
 from skyfleet.gateway import cache_salt
+from skyfleet.gateway.admission import ColdStartQueue
 from skyfleet.gateway.cache_salt import CacheSalter
 from skyfleet.gateway.context import RequestContext, RequestObserver, RequestRecord
 from skyfleet.gateway.upstream import SSEStream, UpstreamClient
@@ -72,7 +73,9 @@ class Proxy:
         observer: RequestObserver,
         salter: CacheSalter,
         kv: KvRouter | None = None,
+        admission: ColdStartQueue | None = None,
     ) -> None:
+        self._admission = admission  # gateway/admission.py: wait for a cold start (controller-managed models)
         self._registry = registry
         self._policy = policy
         self._upstream = upstream
@@ -97,6 +100,17 @@ class Proxy:
             duration_s=self._clock.now() - ctx.started, admission=ctx.admission, reservation=ctx.reservation,
             **fields,
         ))
+
+    async def _admit(self, ctx: RequestContext) -> None:
+        """A controller-managed model with no ready replica: wait (bounded) for one to start."""
+        q = self._admission
+        if q is None or not q.manages(ctx.model) or self._registry.ready_count(ctx.model) > 0:
+            return
+        try:
+            await q.wait_for_replica(ctx.model)
+        except SkyfleetError as exc:
+            self.record(ctx, status="failed", http_status=exc.status, error_code=exc.code, attempts=1)
+            raise
 
     def _no_replica(self, ctx: RequestContext) -> SkyfleetError:
         return NoReplicaAvailableError(f"no replica of '{ctx.model}' is ready; try again shortly")
@@ -123,6 +137,7 @@ class Proxy:
     # -- non-streaming ----------------------------------------------------------------------
     async def unary(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UnaryReply:
         self._strip(payload)
+        await self._admit(ctx)
         exclude: frozenset[str] = frozenset()
         last = self._no_replica(ctx)
         for attempt in (1, 2):
@@ -174,6 +189,7 @@ class Proxy:
     async def open_stream(self, ctx: RequestContext, path: str, payload: dict[str, Any]) -> UpstreamStream:
         """Open a stream and read its first event, retrying once elsewhere if that fails."""
         self._strip(payload)
+        await self._admit(ctx)
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         exclude: frozenset[str] = frozenset()
         last = self._no_replica(ctx)

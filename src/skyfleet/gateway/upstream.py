@@ -26,6 +26,8 @@ from skyfleet.fleet.replica import ReplicaSpec
 
 log = logging.getLogger("skyfleet.upstream")
 
+#: Seconds an idle connection to a replica is kept: below the engines' own keep-alive (5 s).
+_KEEPALIVE_S = 4.0
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
@@ -130,8 +132,10 @@ class UpstreamClient:
         return self._tls.get(_origin(url), True)  # True: aiohttp's default (system CAs, verified)
 
     async def start(self) -> None:
+        # An idle pooled connection is dropped before the engines drop it (llama.cpp's and uvicorn's (vLLM)
+        # keep-alive is 5 s): reusing one the server is closing fails with ServerDisconnectedError.
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=self._pool_size, keepalive_timeout=30, enable_cleanup_closed=False
+            limit=0, limit_per_host=self._pool_size, keepalive_timeout=_KEEPALIVE_S, enable_cleanup_closed=False
         )
         timeout = aiohttp.ClientTimeout(
             total=self._request_timeout_s, sock_connect=self._connect_timeout_s, connect=self._connect_timeout_s
@@ -160,19 +164,29 @@ class UpstreamClient:
     async def post_json(self, spec: ReplicaSpec, path: str, body: bytes) -> UpstreamReply:
         """POST and read the whole reply. Any transport failure is retryable: nothing was sent on."""
         try:
-            async with self.session.post(spec.base_url + path, data=body, headers=self._headers(spec, _JSON),
-                                         ssl=self._ssl(spec.base_url)) as r:
-                return UpstreamReply(r.status, await r.read())
+            try:
+                return await self._post_read(spec, path, body)
+            except aiohttp.ServerDisconnectedError:  # a pooled connection the server had just closed: a new one
+                return await self._post_read(spec, path, body)
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamConnectError(f"replica {spec.id} is unreachable ({type(exc).__name__})") from None
         except TimeoutError:
             raise UpstreamTimeoutError(f"replica {spec.id} did not answer in time") from None
 
+    async def _post_read(self, spec: ReplicaSpec, path: str, body: bytes) -> UpstreamReply:
+        async with self.session.post(spec.base_url + path, data=body, headers=self._headers(spec, _JSON),
+                                     ssl=self._ssl(spec.base_url)) as r:
+            return UpstreamReply(r.status, await r.read())
+
     async def open_stream(self, spec: ReplicaSpec, path: str, body: bytes) -> SSEStream | UpstreamReply:
         """POST a streaming request; return the open stream, or the whole reply if it is not a 200."""
         try:
-            r = await self.session.post(spec.base_url + path, data=body, headers=self._headers(spec, _SSE),
-                                        ssl=self._ssl(spec.base_url))
+            try:
+                r = await self.session.post(spec.base_url + path, data=body, headers=self._headers(spec, _SSE),
+                                            ssl=self._ssl(spec.base_url))
+            except aiohttp.ServerDisconnectedError:  # a pooled connection the server had just closed: a new one
+                r = await self.session.post(spec.base_url + path, data=body, headers=self._headers(spec, _SSE),
+                                            ssl=self._ssl(spec.base_url))
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamConnectError(f"replica {spec.id} is unreachable ({type(exc).__name__})") from None
         except TimeoutError:

@@ -52,6 +52,8 @@ class Permission(StrEnum):
     TENANTS_ADMIN = "tenants:admin"
     #: The fleet: replicas and their state.
     FLEET_READ = "fleet:read"
+    #: The fleet controller's manual operations: pin a pool's size, simulate a preemption.
+    FLEET_MANAGE = "fleet:manage"
     #: The audit log.
     AUDIT_READ = "audit:read"
 

@@ -11,7 +11,7 @@ Cost metrics use OpenCost's label names where they mean the same thing: a replic
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -21,6 +21,7 @@ from skyfleet.gateway.context import RequestRecord
 
 if TYPE_CHECKING:
     from skyfleet.cost.pricing import ReplicaCost
+    from skyfleet.fleet.serving import ServedFleet
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -123,6 +124,43 @@ class GatewayMetrics:
                                               c.tier).set(usd)
         for pool, usd in pools.items():
             self.pool_cost_per_hour.labels(pool).set(usd)
+
+    def watch_fleet(self, fleet: ServedFleet) -> None:
+        """The fleet controller's numbers: desired and ready replicas per pool, provider failures (with their
+        backoff), preemptions, cold starts, and the cold-start queue."""
+        r = self.registry
+        desired = Gauge("skyfleet_fleet_desired_replicas", "Replicas the controller wants, per pool.",
+                        ["model", "pool"], registry=r)
+        failures = Gauge("skyfleet_fleet_pool_failures", "Provider failures in a row, per pool (0: healthy; "
+                         "retried with backoff).", ["model", "pool"], registry=r)
+        no_capacity = Gauge("skyfleet_fleet_pool_no_capacity", "1 while a pool's provider reports no capacity.",
+                            ["model", "pool"], registry=r)
+        preemptions = Gauge("skyfleet_fleet_preemptions", "Preemption notices received, per pool.",
+                            ["model", "pool"], registry=r)
+        queue = Gauge("skyfleet_cold_start_queue_depth", "Requests waiting for a replica to start.", ["model"],
+                      registry=r)
+        waits = Histogram("skyfleet_cold_start_wait_seconds", "Time requests waited for a replica to start, by "
+                          "outcome.", ["model", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        cold = Histogram("skyfleet_fleet_cold_start_seconds", "From asking for a replica to READY.", ["pool"],
+                         buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)
+
+        def on_status(status: dict[str, Any]) -> None:
+            for model, m in status.items():
+                queue.labels(model).set(fleet.admission.depth(model))
+                for pool, p in m["pools"].items():
+                    desired.labels(model, pool).set(p["desired"] or 0)
+                    failures.labels(model, pool).set(p["failures"])
+                    no_capacity.labels(model, pool).set(1 if p["no_capacity"] else 0)
+                    preemptions.labels(model, pool).set(p["preemptions"])
+
+        def on_wait_done(model: str, waited: float, served: bool) -> None:
+            waits.labels(model, "served" if served else "timed_out").observe(waited)
+            queue.labels(model).set(fleet.admission.depth(model))
+
+        fleet.controller.on_status.append(on_status)
+        fleet.admission.on_done.append(on_wait_done)
+        if fleet.local is not None:
+            fleet.local.on_cold_start.append(lambda pool, seconds: cold.labels(pool).observe(seconds))
 
     def render(self) -> bytes:
         counts: dict[tuple[str, str], int] = {}

@@ -103,6 +103,9 @@ class _BearerTokenAlias(dict[str, str]):
 class KubernetesProvider:
     """Scales StatefulSets and reads their pods; see the module docstring."""
 
+    #: a StatefulSet removes its highest ordinals on a scale-down: the controller drains those
+    ordered_scale_down = True
+
     def __init__(self, api_client: ApiClient, namespace: str, pools: Mapping[str, PoolNames], *,
                  cluster_domain: str = "cluster.local", port: int = ENGINE_PORT,
                  request_timeout_s: float = 10.0, retries: int = 4, backoff_base_s: float = 0.5,

@@ -156,6 +156,9 @@ def _gateway_settings(spec: FleetSpec, catalog: Catalog, options: RenderOptions,
     base: dict[str, Any] = {
         "host": "0.0.0.0", "port": GATEWAY_PORT, "data_dir": "/var/lib/skyfleet", "bootstrap": False,
         "local": {"replicas": 0},
+        # the fleet controller, with the Kubernetes provider, on the spec beside this file (the gateway holding
+        # the PostgreSQL advisory lock runs it; the others route and queue)
+        "fleet_spec": f"{CONFIG_DIR}/fleet.yaml", "fleet": {"provider": "kubernetes"},
     }
     return {**base, **extra, "static_replicas": replicas}
 

@@ -18,7 +18,8 @@ carry the decision out. Everything here is small on purpose:
 Errors a provider raises (mapped at its boundary, never a client library's own exception):
 :class:`PoolNotFoundError` / :class:`ReplicaNotFoundError` (404: no such pool or replica),
 :class:`ProviderUnavailableError` (503: the provider's API is unreachable or failing after
-retries with backoff). They are OpenAI-shaped (``skyfleet.errors``) so the admin API can show them.
+retries with backoff), :class:`InsufficientCapacityError` (a ProviderUnavailableError: the pool's tier has
+no capacity now, e.g. no spot instances). They are OpenAI-shaped (``skyfleet.errors``) so the admin API can show them.
 """
 
 from __future__ import annotations
@@ -68,8 +69,16 @@ class ReplicaNotFoundError(NotFoundError):
 
 
 class ProviderUnavailableError(ServiceUnavailableError):
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message, retry_after_s=retry_after_s, code="provider_unavailable")
+    def __init__(self, message: str, *, retry_after_s: int = 5, code: str = "provider_unavailable") -> None:
+        super().__init__(message, retry_after_s=retry_after_s, code=code)
+
+
+class InsufficientCapacityError(ProviderUnavailableError):
+    """The pool's capacity tier has no room now (a spot capacity shortage): the controller places the
+    replicas in its other pools (spot before on-demand, as always) until the pool is retried."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 30) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, code="insufficient_capacity")
 
 
 @runtime_checkable

@@ -84,5 +84,5 @@ async def register_static(replicas: tuple[StaticReplica, ...], registry: Replica
                 usd_per_hour=cost.usd_per_hour if cost is not None else None,
                 api_key=r.api_key.get_secret_value() if r.api_key else None,
             ),
-            capacity=8,
+            capacity=r.capacity,
         )
