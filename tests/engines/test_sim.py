@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +29,7 @@ from skyfleet.engines.sim import (
 from skyfleet.engines.sim.model import RequestState
 from skyfleet.engines.sim.prefix_cache import PrefixCache
 from skyfleet.engines.sim.text import VOCAB, count_tokens, detokenize, generate, render_chat
+from tests.threaded_server import serve_in_thread
 
 MODEL = "sim-model"
 
@@ -389,36 +388,8 @@ class Server:
 
 
 def _serve(app: object) -> Iterator[Server]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the sim server did not become ready"
-        time.sleep(0.01)
-    try:
+    with serve_in_thread(app, loop="uvloop", http="httptools") as url:
         yield Server(url, app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

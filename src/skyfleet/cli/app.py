@@ -10,7 +10,11 @@ import typer
 
 from skyfleet.cli import audit, authz, budgets, certs, engine, keyrotation, keys, sessions, tenants
 from skyfleet.cli import cost as cost_cli
+from skyfleet.cli import fleet as fleet_cli
 from skyfleet.cli import k8s as k8s_cli
+from skyfleet.cli import plan as plan_cli
+from skyfleet.cli import profile as profile_cli
+from skyfleet.cli import simulate as simulate_cli
 from skyfleet.cli.common import ConfigOption
 
 app = typer.Typer(
@@ -29,6 +33,10 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(budgets.app, name="budgets")
 app.add_typer(cost_cli.app, name="cost")
 app.add_typer(k8s_cli.app, name="k8s")
+app.command("profile")(profile_cli.profile)
+app.add_typer(fleet_cli.app, name="fleet")
+app.command("plan")(plan_cli.plan)
+app.command("simulate")(simulate_cli.simulate)
 
 
 @app.command("serve")

@@ -224,6 +224,40 @@ class SimModel:
         prompt_tokens = count_tokens(prompt)
         if prompt_tokens + max_tokens > self._limit:
             raise ContextLengthError(prompt_tokens, max_tokens, self._limit)
+        return self._enqueue(
+            prompt, prompt_tokens, block_hashes(prompt, self._profile.block_tokens, cache_salt),
+            max_tokens=max_tokens, target=target, finish_reason=finish_reason, output=output, cache_salt=cache_salt,
+        )
+
+    def submit_tokens(
+        self,
+        prompt_tokens: int,
+        prefix_blocks: Sequence[bytes | int] = (),
+        *,
+        max_tokens: int,
+        target_tokens: int | None = None,
+        finish_reason: str = "length",
+    ) -> SimRequest:
+        """Like :meth:`submit`, for a prompt known only by its length (trace replay: no text to tokenise).
+
+        ``prefix_blocks`` are the prompt's chained prefix-block hashes (Mooncake ``hash_ids``), each
+        covering ``profile.block_tokens`` tokens; ``()`` gives the request no prefix-cache hits. Nothing
+        is cached at the finish (there is no output text).
+        """
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if prompt_tokens < 0:
+            raise ValueError("prompt_tokens must not be negative")
+        target = max_tokens if target_tokens is None else target_tokens
+        if not 1 <= target <= max_tokens:
+            raise ValueError("target_tokens must be between 1 and max_tokens")
+        if prompt_tokens + max_tokens > self._limit:
+            raise ContextLengthError(prompt_tokens, max_tokens, self._limit)
+        return self._enqueue("", prompt_tokens, prefix_blocks,  # type: ignore[arg-type]
+                             max_tokens=max_tokens, target=target, finish_reason=finish_reason)
+
+    def _enqueue(self, prompt: str, prompt_tokens: int, hashes: Sequence[bytes], *, max_tokens: int, target: int,
+                 finish_reason: str, output: str = "", cache_salt: str | None = None) -> SimRequest:
         now = self._sync()
         req = SimRequest(
             rid=self._next_rid,
@@ -233,7 +267,7 @@ class SimModel:
             target_tokens=target,
             finish_reason=finish_reason,
             arrived_at=now,
-            block_hashes=block_hashes(prompt, self._profile.block_tokens, cache_salt),
+            block_hashes=hashes,
             output=output,
             cache_salt=cache_salt,
         )
@@ -270,6 +304,17 @@ class SimModel:
         else:
             left = req.v_start + req.target_tokens - 1 - self._v
         return self._now + max(left, 0.0) * tpot
+
+    def next_event_at(self) -> float:
+        """When the next first token or finish on this replica is due if nothing else arrives (``inf``: idle)."""
+        self._sync()
+        return self._next_event_at(self._tpot())
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted or queued (running + waiting), simulated up to now."""
+        self._sync()
+        return len(self._running) + len(self._waiting)
 
     def cancel(self, req: SimRequest) -> None:
         """The client went away: free its KV reservation now (no-op once it is done)."""
