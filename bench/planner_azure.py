@@ -104,8 +104,8 @@ def main() -> None:
         wall = time.perf_counter() - started
         total_wall += wall
         out += [f"## Scaling knobs: {label}", "",
-                f"Wall time for the 4 policies: {wall:.1f} s (2 processes; the oracle's headroom search, "
-                "up to 7 more simulations, included).", "",
+                f"Wall time for the 4 policies: {wall:.1f} s (2 processes; the oracle's search by simulation "
+                "included).", "",
                 "Pools' tokens_per_s (capacity model at the SLO): "
                 + ", ".join(f"{p.name} {p.tokens_per_s:g}" for p in fleet.pools)
                 + "; spot traces: " + ", ".join(f"{k} <- {v.name}" for k, v in spot.items()), "",

@@ -20,8 +20,8 @@ signature), so the simulator drives each exactly as the live controller drives i
   sizing differs from ``skyfleet``.
 * ``skyfleet``: the controller's ``default`` policy, unchanged (:func:`skyfleet.fleet.policy.load_policy`).
 * ``oracle``: a clairvoyant reference. Per minute of the trace, the cheapest replica counts over the spec's
-  pools whose capacity covers exactly that minute's requests, output and prompt tokens per second (headroom
-  1, :func:`~skyfleet.planner.milp.solve`), with the on-demand floor, pool maxima and, for spot pools with a
+  pools whose capacity covers that minute's requests, output and prompt tokens per second times a headroom
+  searched per minute by simulation (:func:`refine_oracle`, :func:`~skyfleet.planner.milp.solve`), with the on-demand floor, pool maxima and, for spot pools with a
   spot trace, no spot replica in a minute when that pool's capacity is gone at any time in it. It has no cold
   start (the simulator starts its replicas READY) and knows the future; it is not a policy one can run.
 
@@ -46,7 +46,7 @@ from skyfleet.fleet.policy import load_policy
 from skyfleet.fleet.policy.base import MAX_HISTORY, Decision, Policy, PolicyState
 from skyfleet.fleet.policy.default import allocate, rank_pools
 from skyfleet.planner.capacity import ReplicaCapacity, replica_capacity
-from skyfleet.planner.milp import Option, demand_windows, solve
+from skyfleet.planner.milp import Option, PlanError, demand_windows, solve
 from skyfleet.planner.spot import SpotTrace
 from skyfleet.planner.types import EngineProfile, Trace
 
@@ -61,6 +61,8 @@ __all__ = ["POLICIES", "OraclePolicy", "PolicyError", "ReactivePolicy", "StaticP
 POLICIES = ("static-peak", "reactive", "skyfleet", "oracle")
 #: the oracle's interval: one minute of the trace
 ORACLE_WINDOW_S = 60.0
+#: the headroom ladder the oracle's search climbs, per window (capacity over the capacity model's demand)
+ORACLE_HEADROOMS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
 
 
 class PolicyError(ValueError):
@@ -193,10 +195,12 @@ class ReactivePolicy:
 
 def oracle_plan(trace: Trace, fleet: ModelFleet, profiles: Mapping[str, EngineProfile], catalog: Catalog, *,
                 spot: Mapping[str, SpotTrace] | None = None, window_s: float = ORACLE_WINDOW_S,
-                headroom: float | Sequence[float] = 1.0) -> list[dict[str, int]]:
+                headroom: float | Sequence[float] = 1.0, exclude: frozenset[str] = frozenset()) \
+        -> list[dict[str, int]]:
     """Replicas per pool for each ``window_s`` of the trace (index = floor(t / window_s)); see the module.
 
-    ``headroom``: capacity over demand, one factor for all windows or one per window."""
+    ``headroom``: capacity over demand, one factor for all windows or one per window. ``exclude``: pools
+    not to use at all."""
     caps = pool_capacities(trace, fleet, profiles)
     demands = demand_windows(trace, window_s, peak_s=window_s)
     spot = spot or {}
@@ -210,7 +214,8 @@ def oracle_plan(trace: Trace, fleet: ModelFleet, profiles: Mapping[str, EnginePr
         raise PolicyError(f"oracle: {len(heads)} headroom factors for {len(demands)} windows")
     groups: dict[tuple[frozenset[str], float], list[int]] = {}
     for w, d in enumerate(demands):
-        key = frozenset(p.name for p in fleet.pools if p.tier == "spot" and gone(p.name, d.start_s, d.end_s))
+        key = exclude | frozenset(p.name for p in fleet.pools
+                                  if p.tier == "spot" and gone(p.name, d.start_s, d.end_s))
         groups.setdefault((key, heads[w]), []).append(w)
     floor = max(fleet.on_demand_floor, 1 if fleet.min_replicas else 0)
     out: list[dict[str, int]] = [{} for _ in demands]
@@ -273,27 +278,84 @@ def warm_fleet(trace: Trace, fleet: ModelFleet, profiles: Mapping[str, EnginePro
 
 def refine_oracle(trace: Trace, fleet: ModelFleet, profiles: Mapping[str, EngineProfile], catalog: Catalog, *,
                   spot: Mapping[str, SpotTrace] | None, epoch: float, goal: float = 0.99,
-                  headrooms: Sequence[float] = (1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0),
+                  headrooms: Sequence[float] = ORACLE_HEADROOMS, rounds: int = len(ORACLE_HEADROOMS),
                   sim: Mapping[str, Any] | None = None) -> OraclePolicy:
-    """The oracle, checked by simulation: the plan at the smallest headroom of ``headrooms`` whose simulated
-    SLO attainment reaches ``goal`` (else the best-attaining one). The capacity model is a steady-state
-    mean; bursts within a minute, long prompts blocking a KV-limited replica and routing that spreads load
-    evenly over unequal replicas all cost more than it says, so headroom 1 may miss the SLO.
+    """The oracle, checked by simulation: the cheapest plan found whose simulated SLO attainment reaches
+    ``goal`` (else the best-attaining one).
+
+    The capacity model is a steady-state mean at conservative sizes (every request at the batch where TPOT
+    reaches the SLO): in calm minutes a replica serves more than it says, so headroom 1 over-provisions;
+    bursts within a minute, long prompts blocking a KV-limited replica and routing that spreads load evenly
+    over unequal replicas cost more than it says, so headroom 1 may miss the SLO. The search starts below
+    1 and raises the headroom only where it is needed:
+    every window starts at ``headrooms[0]``; after each simulation (up to ``rounds``), each window whose
+    requests missed ``goal``, and the window before it (its backlog carries over), moves one step up the
+    ``headrooms`` ladder. If that never reaches ``goal``, one headroom for all windows, the smallest that
+    does, as a fallback.
+
+    The capacity model puts a replica at the edge of the TPOT objective, so a slow type that is cheap per
+    token can miss it where a faster one would not: the search is run for the fastest type alone, then the
+    two fastest, and so on to all pools (by the profile's ``tpot_base_s``), and the cheapest plan that
+    reaches ``goal`` wins.
     """
     from skyfleet.planner.simulator import simulate
 
     kw = {k: v for k, v in (sim or {}).items() if k not in ("progress", "initial", "name")}
-    best: tuple[float, OraclePolicy] | None = None
-    for h in headrooms:
-        policy = OraclePolicy(oracle_plan(trace, fleet, profiles, catalog, spot=spot, headroom=h), epoch=epoch,
-                              headroom=h)
-        met = simulate(trace, fleet, profiles, policy=policy, catalog=catalog, spot=spot, **kw).slo_met or 0.0
+    kw["slo_window_s"] = ORACLE_WINDOW_S
+    best: tuple[float, float, OraclePolicy] | None = None  # (attainment, -cost, policy)
+
+    def run(heads: float | Sequence[float], label: float, exclude: frozenset[str]) -> tuple[float, SimResult]:
+        nonlocal best
+        policy = OraclePolicy(oracle_plan(trace, fleet, profiles, catalog, spot=spot, headroom=heads,
+                                          exclude=exclude), epoch=epoch, headroom=label)
+        res = simulate(trace, fleet, profiles, policy=policy, catalog=catalog, spot=spot, **kw)
+        met = res.slo_met or 0.0
+        key = (min(met, goal), -res.cost_usd)
+        if best is None or key > best[:2]:
+            best = (key[0], key[1], policy)
+        return met, res
+
+    n = len(demand_windows(trace, ORACLE_WINDOW_S, peak_s=ORACLE_WINDOW_S))
+    speeds = sorted({profiles[p.name].tpot_base_s for p in fleet.pools})
+    for fastest in speeds:
+        exclude = frozenset(p.name for p in fleet.pools if profiles[p.name].tpot_base_s > fastest)
+        try:
+            _search(run, n, headrooms, rounds, goal, exclude)
+        except (PolicyError, PlanError):  # these pools cannot hold the on-demand floor or serve at all
+            continue
+    if best is None:
+        raise PolicyError("oracle: no set of pools meets the SLO and holds the on-demand floor")
+    return best[2]
+
+
+def _search(run: Callable[[float | Sequence[float], float, frozenset[str]], tuple[float, SimResult]], n: int,
+            headrooms: Sequence[float], rounds: int, goal: float, exclude: frozenset[str]) -> None:
+    """:func:`refine_oracle`'s per-window headroom search over one set of pools (``run`` keeps the best)."""
+    steps = [0] * n
+    met = 0.0
+    for _ in range(rounds):
+        met, res = run([headrooms[k] for k in steps], max(headrooms[k] for k in steps), exclude)
         if met >= goal:
-            return policy
-        if best is None or met > best[0]:
-            best = (met, policy)
-    assert best is not None
-    return best[1]
+            return
+        missed = {j for j, w in enumerate(_by_window(res, n)) if w is not None and w < goal}
+        bump = {j for w in missed for j in (w - 1, w) if 0 <= j < n and steps[j] + 1 < len(headrooms)}
+        if not bump:
+            break
+        for j in bump:
+            steps[j] += 1
+    for h in headrooms[1:]:
+        if run(h, h, exclude)[0] >= goal:
+            return
+
+
+def _by_window(res: SimResult, n: int) -> list[float | None]:
+    """Attainment (both objectives) of each oracle window's requests; ``None``: no request in it."""
+    out: list[float | None] = [None] * n
+    for w in res.windows:
+        j = int(float(w["start_s"]) // ORACLE_WINDOW_S)
+        if 0 <= j < n and w["requests"]:
+            out[j] = float(w["both"]) if w["both"] is not None else 1.0
+    return out
 
 
 def build_policy(name: str, trace: Trace, fleet: ModelFleet, profiles: Mapping[str, EngineProfile],
