@@ -20,6 +20,7 @@ from skyfleet.cost.intervals import ReplicaCostRecorder, new_instance_id
 from skyfleet.cost.metering import DiscardUsage, UsageSink, UsageWriter
 from skyfleet.cost.pricing import Pricing
 from skyfleet.crypto import open_key_provider
+from skyfleet.engines.kvseal import SlotSealer
 from skyfleet.engines.kvstate import KvRouter, LlamaSlots, SoleTenantCache
 from skyfleet.errors import SkyfleetError
 from skyfleet.fleet.health import HealthChecker
@@ -62,6 +63,7 @@ class Gateway:
     cost_recorder: ReplicaCostRecorder | None = None  # cost/intervals.py: replica intervals and samples
     instance_id: str = field(default_factory=new_instance_id)  # owner of the replica intervals this gateway records
     fleet: ServedFleet | None = None  # fleet/serving.py: the fleet controller and its local pools (fleet_spec)
+    kv: KvRouter = field(default_factory=lambda: KvRouter({}))  # engines/kvstate.py: KV state per session
     accepting: bool = True
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -88,10 +90,11 @@ class Gateway:
             oidc = OidcVerifier(settings.oidc, store.tenants, clock)
         auth = Authenticator(store.keys, clock, ttl_s=settings.auth_cache_ttl_s, admin_key=settings.admin_key,
                              trusted_proxies=settings.trusted_proxies, oidc=oidc)
+        slot_dir = settings.data_dir.resolve() / "slots"
         kv = KvRouter({
-            "llama": LlamaSlots(upstream, settings.data_dir.resolve() / "slots", clock,
-                                slots_per_replica=settings.local.slots,
-                                save_every_turn=settings.local.save_kv_every_turn),
+            "llama": LlamaSlots(upstream, slot_dir, clock, slots_per_replica=settings.local.slots,
+                                save_every_turn=settings.local.save_kv_every_turn,
+                                sealer=SlotSealer(slot_dir, store.keyring)),
         } if settings.local.kv_slot_manager else {"llama": SoleTenantCache()})
         salt_secret = (settings.cache_salt_secret.get_secret_value().encode() if settings.cache_salt_secret
                        else await asyncio.to_thread(load_or_create_secret,
@@ -133,7 +136,7 @@ class Gateway:
         metrics.set_prices(pricing.replica_costs())
         return cls(settings, store, clock, registry, upstream, auth, metrics, proxy, local, health,
                    limits=limits, audit=audit, budgets=budgets, pricing=pricing, usage=usage,
-                   cost_recorder=recorder, instance_id=instance_id, fleet=fleet)
+                   cost_recorder=recorder, instance_id=instance_id, fleet=fleet, kv=kv)
 
     async def start(self) -> None:
         await self.upstream.start()

@@ -38,12 +38,63 @@ def test_session_state_is_saved_on_eviction_and_restored(one_replica: Gateway) -
     assert cached > prompt * 0.8  # same slot: the whole earlier prompt is reused
     _turn(gw, "Session B is about boats on a bay. " * 12, session="b")  # takes the empty slot
     _turn(gw, "Session C is about comets and clouds. " * 12, session="c")  # evicts A (least recent): A is saved
-    saved = list((gw.data_dir / "slots").glob("*.bin"))
+    saved = list((gw.data_dir / "slots").glob("*.kvs"))
     assert len(saved) >= 1
+    # Sealed with the tenant's data key (format v1 header, no llama.cpp 'ggsq' magic); no plaintext is left.
+    assert all(f.read_bytes()[:1] == b"\x01" and b"ggsq" not in f.read_bytes()[:64] for f in saved)
+    assert _plaintext(gw) == []
     # A comes back: its slot is gone, but its KV is restored from the saved file, not re-prefilled.
     prompt, cached, timings = _turn(gw, story_a + "Continue again.", session="a")
     assert cached > prompt * 0.8
     assert timings.get("prompt_n", prompt) < prompt * 0.2  # the engine computed only the new tail
+    assert _plaintext(gw) == []  # the restore's scratch file is gone too
+
+
+def _plaintext(gw: Gateway) -> list[str]:
+    """Files in the slot directory other than sealed ones (llama.cpp's scratch files, temporary files)."""
+    return sorted(f.name for f in (gw.data_dir / "slots").iterdir() if not f.name.endswith(".kvs"))
+
+
+def _evict(gw: Gateway, session: str, key: str | None = None) -> set[Path]:
+    """Give ``session`` a turn, then two other sessions of the same tenant: with 2 slots, ``session``'s
+    slot is taken (the least recently used of the tenant's two) and saved by the third turn. The sealed
+    files that the third turn wrote."""
+    _turn(gw, f"Session {session} is about lighthouses and tides. " * 12, session=session, key=key)
+    _turn(gw, "Another session about rivers. " * 12, session=session + "-x", key=key)
+    before = set((gw.data_dir / "slots").glob("*.kvs"))
+    _turn(gw, "A third session about mountains. " * 12, session=session + "-y", key=key)
+    return set((gw.data_dir / "slots").glob("*.kvs")) - before
+
+
+def test_a_tampered_slot_file_is_not_restored_and_is_deleted(one_replica: Gateway) -> None:
+    gw = one_replica
+    new = _evict(gw, "tamper")
+    assert len(new) == 1
+    (path,) = new
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+    # The session comes back: its file does not open, so it is prefilled again (no error), and the file is gone.
+    prompt, cached, timings = _turn(gw, "Session tamper is about lighthouses and tides. " * 12 + "More.",
+                                    session="tamper")
+    # (only the chat template's opening, shared with the slot's previous session of this tenant, is cached)
+    assert cached < prompt * 0.2 and timings.get("prompt_n", 0) > prompt * 0.8
+    assert not path.exists()
+
+
+def test_deleting_a_tenant_deletes_its_slot_files(one_replica: Gateway) -> None:
+    gw = one_replica
+    tenant = json.loads(gw.cli("tenants", "create", "kv-gone", "--json").stdout)
+    key = json.loads(gw.cli("keys", "create", "--tenant", "kv-gone", "--json").stdout)["key"]
+    new = _evict(gw, "doomed", key=key)
+    assert len(new) == 1 and all(p.name.startswith(tenant["id"] + "-") for p in new)
+    files = set((gw.data_dir / "slots").glob("*.kvs"))
+    mine = {p for p in files if p.name.startswith(tenant["id"] + "-")}
+    assert len(mine) >= 2  # with 2 slots, its first two sessions were both evicted within the tenant
+    r = gw.admin("DELETE", "/admin/v1/tenants/kv-gone")
+    assert r.status_code == 200
+    assert not any(p.exists() for p in mine)
+    assert files - mine and all(p.exists() for p in files - mine)  # other tenants' files stay
 
 
 def test_tenants_never_share_cached_prefixes(one_replica: Gateway) -> None:

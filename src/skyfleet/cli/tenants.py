@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 from skyfleet.cli.audit import audited
 from skyfleet.cli.audit import record as audit_record
 from skyfleet.cli.common import ConfigOption, echo_json, run_with_store, settings_or_exit
+from skyfleet.engines.kvstate import delete_tenant_slot_files
 
 if TYPE_CHECKING:
     from skyfleet.state.repositories import Store
@@ -60,14 +62,18 @@ def list_(
 def delete(name: str, config: ConfigOption = None) -> None:
     """Delete a tenant: revoke its keys and destroy its data key (crypto-shredding)."""
 
+    settings = settings_or_exit(config)
+
     async def go(store: Store) -> None:
         tenant = await store.tenants.get(name)
         await store.tenants.delete(name)
         await store.keyring.shred(tenant.id)
+        # its saved KV slots on this host (sealed with the shredded key, so unreadable already)
+        files = await asyncio.to_thread(delete_tenant_slot_files, settings.data_dir.resolve() / "slots", tenant.id)
         await audit_record(store, "tenant.delete", tenant_id=tenant.id, target=tenant.id, name=name,
-                           shredded=True)
+                           shredded=True, slot_files_deleted=files)
 
-    run_with_store(settings_or_exit(config), go, with_keys=True)
+    run_with_store(settings, go, with_keys=True)
     typer.echo(f"deleted tenant {name}: its keys are revoked and its stored data can no longer be decrypted")
 
 

@@ -37,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from skyfleet.clock import Clock
+from skyfleet.engines.kvseal import SEALED_SUFFIX, SlotSealer, scratch_name
 from skyfleet.fleet.replica import ReplicaSpec
 from skyfleet.gateway.upstream import UpstreamClient
 
@@ -68,6 +70,7 @@ class KvState(Protocol):
     async def acquire(self, spec: ReplicaSpec, tenant_id: str, session: str | None) -> KvLease: ...
     def replica_gone(self, replica_id: str) -> None: ...
     async def evacuate(self, spec: ReplicaSpec) -> int: ...
+    async def forget_tenant(self, tenant_id: str) -> int: ...
 
 
 class NoKvState:
@@ -78,6 +81,9 @@ class NoKvState:
         return None
 
     async def evacuate(self, spec: ReplicaSpec) -> int:
+        return 0
+
+    async def forget_tenant(self, tenant_id: str) -> int:
         return 0
 
 
@@ -100,6 +106,18 @@ class _Replica:
         self.freed = asyncio.Condition(self.lock)
 
 
+def delete_tenant_slot_files(slot_dir: Path, tenant_id: str) -> int:
+    """Delete ``tenant_id``'s slot files in ``slot_dir`` (:func:`slot_file` names, sealed, scratch or temporary)."""
+    pattern = re.compile(r"\.?" + re.escape(tenant_id) + r"-[0-9a-f]{40}(\.[^/]*)?")
+    gone = 0
+    if slot_dir.is_dir():
+        for path in slot_dir.iterdir():
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                gone += 1
+    return gone
+
+
 def slot_file(tenant_id: str, session: str) -> str:
     """File name of a session's saved slot: tenant id (for deletion) + a hash of the session."""
     digest = hashlib.sha256(f"{tenant_id}\x00{session}".encode()).hexdigest()[:40]
@@ -107,10 +125,14 @@ def slot_file(tenant_id: str, session: str) -> str:
 
 
 class LlamaSlots:
+    """The slot manager. ``sealer``: saved slots sealed with the tenant's data key (the gateway's
+    default, :mod:`skyfleet.engines.kvseal`); None keeps llama.cpp's plaintext files (unit tests)."""
+
     def __init__(self, upstream: UpstreamClient, slot_dir: Path, clock: Clock, *, slots_per_replica: int,
-                 save_every_turn: bool = False) -> None:
+                 save_every_turn: bool = False, sealer: SlotSealer | None = None) -> None:
         self._upstream = upstream
         self._dir = slot_dir
+        self._sealer = sealer
         self._clock = clock
         self._n = slots_per_replica
         self._save_every_turn = save_every_turn
@@ -123,6 +145,35 @@ class LlamaSlots:
         if rep is None:
             rep = self._replicas[replica_id] = _Replica(self._n)
         return rep
+
+    def _file(self, owner: Owner) -> str:
+        """The saved-slot file of a session owner (``owner[1]`` is not None)."""
+        assert owner[1] is not None
+        name = slot_file(owner[0], owner[1])
+        return name if self._sealer is None else name.removesuffix(".bin") + SEALED_SUFFIX
+
+    async def _save(self, spec: ReplicaSpec, idx: int, owner: Owner) -> bool:
+        name = self._file(owner)
+        if self._sealer is None:
+            return await self._action(spec, idx, "save", name)
+        scratch = scratch_name(name)
+        if not await self._action(spec, idx, "save", scratch):
+            await self._sealer.discard(scratch)
+            return False
+        return await self._sealer.seal(owner[0], scratch, name)
+
+    async def _restore(self, spec: ReplicaSpec, idx: int, owner: Owner) -> bool:
+        name = self._file(owner)
+        if self._sealer is None:
+            return await asyncio.to_thread((self._dir / name).exists) and await self._action(
+                spec, idx, "restore", name)
+        scratch = await self._sealer.open(owner[0], name)
+        if scratch is None:
+            return False
+        try:
+            return await self._action(spec, idx, "restore", scratch)
+        finally:
+            await self._sealer.discard(scratch)
 
     async def _action(self, spec: ReplicaSpec, idx: int, action: str, filename: str | None = None) -> bool:
         ok = await self._upstream.slot_action(spec, idx, action, filename)
@@ -162,8 +213,8 @@ class LlamaSlots:
             previous, slot.owner, slot.busy = slot.owner, owner, True
             evicted = None
             if previous != owner and previous is not None and previous[1] is not None:
-                evicted = slot_file(previous[0], previous[1])
-                self._saving[evicted] = asyncio.get_running_loop().create_future()
+                evicted = previous
+                self._saving[self._file(previous)] = asyncio.get_running_loop().create_future()
         try:
             if previous != owner:
                 await self._hand_over(spec, idx, previous, owner, evicted)
@@ -176,22 +227,21 @@ class LlamaSlots:
         return KvLease({"id_slot": idx}, lambda ok: self._release(spec, rep, idx, slot, ok))
 
     async def _hand_over(self, spec: ReplicaSpec, idx: int, previous: Owner | None, owner: Owner,
-                         evicted: str | None) -> None:
+                         evicted: Owner | None) -> None:
         if evicted is not None:
-            future = self._saving[evicted]
+            key = self._file(evicted)
+            future = self._saving[key]
             try:
-                await self._action(spec, idx, "save", evicted)
+                await self._save(spec, idx, evicted)
             finally:
-                if self._saving.get(evicted) is future:
-                    del self._saving[evicted]
+                if self._saving.get(key) is future:
+                    del self._saving[key]
                 future.set_result(None)
         restored = False
         if owner[1] is not None:
-            name = slot_file(owner[0], owner[1])
-            if (pending := self._saving.get(name)) is not None:
+            if (pending := self._saving.get(self._file(owner))) is not None:
                 await asyncio.shield(pending)  # this session is being saved from another slot right now
-            if await asyncio.to_thread((self._dir / name).exists):
-                restored = await self._action(spec, idx, "restore", name)
+            restored = await self._restore(spec, idx, owner)
         if not restored and previous is not None and previous[0] != owner[0]:
             await self._action(spec, idx, "erase")
 
@@ -216,7 +266,7 @@ class LlamaSlots:
     async def _save_then_free(self, spec: ReplicaSpec, rep: _Replica, idx: int, slot: _Slot) -> None:
         try:  # the slot stays busy (reserved) while it is saved, so the table lock is not needed
             if slot.owner is not None and slot.owner[1] is not None:
-                await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
+                await self._save(spec, idx, slot.owner)
         finally:
             slot.busy = False
             self._notify_freed(rep)
@@ -240,8 +290,18 @@ class LlamaSlots:
         async with rep.lock:
             for idx, slot in enumerate(rep.slots):
                 if not slot.busy and slot.owner is not None and slot.owner[1] is not None:
-                    saved += await self._action(spec, idx, "save", slot_file(slot.owner[0], slot.owner[1]))
+                    saved += await self._save(spec, idx, slot.owner)
         return saved
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """The tenant was deleted: delete its saved slot files here (sealed ones no longer open anyway:
+        its keys are shredded) and forget which slots it held (they are erased before the next tenant's
+        request uses them, as any other tenant's)."""
+        for rep in self._replicas.values():
+            for slot in rep.slots:
+                if slot.owner is not None and slot.owner[0] == tenant_id and not slot.busy:
+                    slot.owner = (tenant_id, None)
+        return await asyncio.to_thread(delete_tenant_slot_files, self._dir, tenant_id)
 
 
 _SHARED = "\x00shared"  # no tenant id contains NUL
@@ -272,6 +332,9 @@ class SoleTenantCache:
     async def evacuate(self, spec: ReplicaSpec) -> int:
         return 0
 
+    async def forget_tenant(self, tenant_id: str) -> int:
+        return 0
+
 
 class KvRouter:
     """Dispatch to the KV-state implementation of each replica's engine."""
@@ -292,3 +355,7 @@ class KvRouter:
 
     async def evacuate(self, spec: ReplicaSpec) -> int:
         return await self._for(spec).evacuate(spec)
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """A tenant was deleted: drop what each engine kind keeps of it; how many saved files went."""
+        return sum([await kv.forget_tenant(tenant_id) for kv in self._by_engine.values()])

@@ -80,7 +80,9 @@ async def delete_tenant(request: Request) -> JSONResponse:
     await gw.store.tenants.delete(name)
     await gw.store.keyring.shred(tenant.id)  # crypto-shredding: its stored data can never be decrypted again
     gw.auth.evict_tenant(tenant.id)
-    gw.audit.record("tenant.delete", actor=who, tenant_id=tenant.id, target=tenant.id, shredded=True)
+    slot_files = await gw.kv.forget_tenant(tenant.id)  # its saved KV slots (sealed, so unreadable already)
+    gw.audit.record("tenant.delete", actor=who, tenant_id=tenant.id, target=tenant.id, shredded=True,
+                    slot_files_deleted=slot_files)
     log.info("tenant deleted and shredded", extra={"tenant_id": tenant.id, "by_key_id": who.key_id})
     return JSONResponse({"object": "tenant.deleted", "id": tenant.id, "name": name, "deleted": True})
 
