@@ -9,6 +9,7 @@ import pytest
 from skyfleet.crypto.cipher import DataCipher
 from skyfleet.engines.kvseal import SEALED_SUFFIX, SlotSealer, scratch_name
 from skyfleet.engines.kvstate import delete_tenant_slot_files, slot_file
+from skyfleet.errors import ServiceUnavailableError
 from skyfleet.state import Store
 
 KV = b"ggsq" + bytes(range(256)) * 64  # stands in for a llama.cpp state file (token ids, KV tensors)
@@ -98,3 +99,27 @@ def test_deleting_a_tenants_files_spares_other_tenants_and_other_files(tmp_path:
     assert delete_tenant_slot_files(tmp_path, "ten_a") == len(mine)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
     assert delete_tenant_slot_files(tmp_path / "absent", "ten_a") == 0
+
+
+class _KeysDown:
+    """The keyring when its database is unreachable."""
+
+    async def data_key(self, tenant_id: str, *, fresh: bool = False) -> tuple[int, bytes]:
+        raise ServiceUnavailableError("the state store is unreachable")
+
+    async def data_key_version(self, tenant_id: str, version: int) -> bytes:
+        raise ServiceUnavailableError("the state store is unreachable")
+
+
+async def test_without_keys_a_save_is_dropped_and_a_sealed_file_is_kept_for_later(
+        secure_store: Store, tenant_ids: tuple[str, str], slots: Path) -> None:
+    acme, _ = tenant_ids
+    name = await _save(SlotSealer(slots, secure_store.keyring), slots, acme, "s")
+    down = SlotSealer(slots, _KeysDown())
+    other = _sealed(acme, "t")
+    scratch = scratch_name(other)
+    (slots / scratch).write_bytes(KV)
+    assert not await down.seal(acme, scratch, other)
+    assert sorted(p.name for p in slots.iterdir()) == [name]  # no plaintext left behind
+    assert await down.open(acme, name) is None and (slots / name).exists()
+    assert await SlotSealer(slots, secure_store.keyring).open(acme, name) is not None

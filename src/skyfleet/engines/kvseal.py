@@ -33,6 +33,7 @@ from typing import Protocol
 
 from skyfleet.crypto.cipher import DataCipher, record_aad
 from skyfleet.crypto.errors import DecryptionError
+from skyfleet.errors import SkyfleetError
 
 log = logging.getLogger("skyfleet.kvseal")
 
@@ -66,6 +67,9 @@ class SlotSealer:
         try:
             version, dek = await self._keys.data_key(tenant_id)
             return await asyncio.to_thread(self._seal_file, dek, version, tenant_id, scratch, sealed)
+        except (SkyfleetError, OSError) as exc:  # no key (the store is down, the tenant was just deleted), no disk
+            log.warning("a saved slot could not be sealed: dropped", extra={"error": type(exc).__name__})
+            return False
         finally:
             await self.discard(scratch)
 
@@ -98,6 +102,9 @@ class SlotSealer:
             self.stats["unreadable"] += 1
             log.info("a saved slot file did not open (tampered, or its key is retired or shredded): deleted")
             await self.discard(sealed)
+            return None
+        except (SkyfleetError, OSError) as exc:  # the key store is unreachable, the disk failed: kept for later
+            log.warning("a saved slot could not be opened now", extra={"error": type(exc).__name__})
             return None
         self.stats["opened"] += 1
         return scratch

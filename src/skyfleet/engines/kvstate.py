@@ -298,8 +298,8 @@ class LlamaSlots:
         its keys are shredded) and forget which slots it held (they are erased before the next tenant's
         request uses them, as any other tenant's)."""
         for rep in self._replicas.values():
-            for slot in rep.slots:
-                if slot.owner is not None and slot.owner[0] == tenant_id and not slot.busy:
+            for slot in rep.slots:  # busy ones too: their session is not saved when they are released
+                if slot.owner is not None and slot.owner[0] == tenant_id:
                     slot.owner = (tenant_id, None)
         return await asyncio.to_thread(delete_tenant_slot_files, self._dir, tenant_id)
 
