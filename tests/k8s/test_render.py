@@ -145,6 +145,10 @@ def test_gateway_config_is_valid_settings_with_every_pool_ordinal(objects: list[
     assert f"http://{names.statefulset}-5.{names.statefulset}.skyfleet.svc.cluster.local:8000" in urls
     first = settings.static_replicas[0]
     assert (first.tier, first.instance_type, first.region, first.engine) == ("spot", "g6e.xlarge", "us-east-1", "vllm")
+    # routing capacity: sequences at the SLO, tokens_per_s x tpot_p95_s (1400 x 0.08 and 700 x 0.08), so the
+    # L40S replicas take twice the A10G's share
+    capacity = {r.pool: r.capacity for r in settings.static_replicas}
+    assert capacity == {"l40s-spot": 112, "l40s-ondemand": 112, "a10g-spot": 56}
     assert parse_fleet_spec(yaml.safe_load(cm["data"]["fleet.yaml"]), catalog) == spec
 
     deployment = find(objects, "Deployment", "skyfleet-gateway")

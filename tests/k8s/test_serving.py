@@ -23,7 +23,7 @@ from skyfleet.fleet.leader import AdvisoryLeadership, AlwaysLeader, leadership_f
 from skyfleet.fleet.providers.base import PreemptionNotice
 from skyfleet.fleet.registry import ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec, ReplicaState
-from skyfleet.fleet.serving import ServedFleet
+from skyfleet.fleet.serving import ServedFleet, held_for_slots
 from skyfleet.fleet.spec import load_fleet_spec
 from skyfleet.fleet.status import fleet_status
 from skyfleet.state import Store
@@ -118,3 +118,16 @@ async def test_only_one_gateway_leads_and_another_takes_over(pg_database_url: st
     finally:
         await one.dispose()
         await two.dispose()
+
+
+def test_only_requests_held_for_llamacpp_slots_count_as_the_gateways_queue() -> None:
+    # vLLM queues what it cannot batch and reports it as `waiting`; counting the gateway's in-flight
+    # requests beyond a vLLM replica's capacity too would count them twice (and scale up for nothing).
+    registry = ReplicaRegistry()
+    for rid, engine, model in (("l0", "llama", "m"), ("v0", "vllm", "m"), ("l1", "llama", "other")):
+        e = registry.add(ReplicaSpec(id=rid, base_url=f"http://{rid}:1", model=model, engine=engine,
+                                     upstream_model=model), capacity=2, state=ReplicaState.READY)
+        e.outstanding = 5
+    assert held_for_slots(registry.entries.values(), "m") == 3
+    registry.set_state("l0", ReplicaState.DRAINING)
+    assert held_for_slots(registry.entries.values(), "m") == 0

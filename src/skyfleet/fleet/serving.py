@@ -20,7 +20,7 @@ Built by the composition root (``runtime.py``) when the ``fleet_spec`` setting n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from skyfleet.fleet.controller import FleetController, pool_key
 from skyfleet.fleet.leader import leadership_for
 from skyfleet.fleet.providers.base import FleetProvider, PreemptionNotice
 from skyfleet.fleet.providers.local import LocalPoolSpec, LocalProvider
-from skyfleet.fleet.registry import ReplicaRegistry
+from skyfleet.fleet.registry import ReplicaEntry, ReplicaRegistry
 from skyfleet.fleet.replica import ReplicaSpec, ReplicaState
 from skyfleet.fleet.spec import FleetSpec, load_fleet_spec
 from skyfleet.gateway.admission import ColdStartQueue
@@ -94,6 +94,14 @@ def local_pools(spec: FleetSpec, catalog: Catalog) -> list[LocalPoolSpec]:
     return out
 
 
+def held_for_slots(entries: Iterable[ReplicaEntry], model: str) -> int:
+    """Requests the gateway holds for ``model`` beyond its ready llama.cpp replicas' slots (the slot manager
+    makes them wait here, so the engine's own ``waiting`` does not count them). vLLM and SGLang replicas
+    queue what they cannot batch themselves, and their ``waiting`` metric already counts it."""
+    return sum(max(0, e.outstanding - e.capacity) for e in entries
+               if e.spec.model == model and e.spec.engine == "llama" and e.state == ReplicaState.READY)
+
+
 @dataclass
 class ServedFleet:
     """The fleet controller of one gateway and what it drives: the provider, the cold-start queue, the prices."""
@@ -138,12 +146,8 @@ class ServedFleet:
             registry.declare(model, settings.local.ctx_per_slot if fleet.engine == "llama" else None)
 
         def queue_depth(model: str) -> int:
-            # The gateway's own queue: requests waiting for a cold start, plus requests held at the gateway
-            # beyond the replicas' parallel capacity (waiting for a llama.cpp slot, which the engine's own
-            # `waiting` does not count).
-            held = sum(max(0, e.outstanding - e.capacity) for e in registry.entries.values()
-                       if e.spec.model == model and e.state == ReplicaState.READY)
-            return admission.depth(model) + held
+            # The gateway's own queue: requests waiting for a cold start, plus those held for a llama.cpp slot.
+            return admission.depth(model) + held_for_slots(registry.entries.values(), model)
 
         controller = FleetController(spec, fleet_provider, FleetRepository(store_engine), catalog, clock,
                                      interval_s=f.interval_s, retry_base_s=f.retry_base_s, retry_max_s=f.retry_max_s,

@@ -18,6 +18,7 @@ Output is deterministic: objects in a fixed order, keys sorted, one file per obj
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from skyfleet.fleet.k8s.naming import (
 
 if TYPE_CHECKING:
     from skyfleet.cost.catalog import Catalog
-    from skyfleet.fleet.spec import FleetSpec
+    from skyfleet.fleet.spec import FleetSpec, ModelFleet, PoolSpec
 
 DEFAULT_IMAGES: dict[str, str] = {
     "vllm": "docker.io/vllm/vllm-openai:v0.10.1",
@@ -111,11 +112,13 @@ def render(spec: FleetSpec, catalog: Catalog, options: RenderOptions | None = No
                 raise RenderError(f"pools {other} and {names.key} would both be named {names.statefulset!r}")
             itype = catalog.get(pool.instance_type, pool.region)
             engines += pool_objects(model, fleet, pool, names, itype, options)
+            capacity = replica_capacity(fleet, pool)
             for i in range(pool.max):
                 replicas.append({
                     "url": f"http://{names.pod_host(i, ns, options.cluster_domain)}:{ENGINE_PORT}",
                     "model": model, "engine": fleet.engine, "pool": pool.name,
-                    "tier": pool.tier, "instance_type": pool.instance_type, "region": pool.region})
+                    "tier": pool.tier, "instance_type": pool.instance_type, "region": pool.region,
+                    **({"capacity": capacity} if capacity is not None else {})})
     settings = _gateway_settings(spec, catalog, options, replicas)
     objects = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": _common_labels("fleet",
@@ -126,6 +129,15 @@ def render(spec: FleetSpec, catalog: Catalog, options: RenderOptions | None = No
         *_gateway(options),
     ]
     return [copy.deepcopy(o) for o in objects]
+
+
+def replica_capacity(fleet: ModelFleet, pool: PoolSpec) -> int | None:
+    """A pool's replicas' routing capacity: the sequences one replica runs at once at the SLO, by Little's law
+    ``tokens_per_s x tpot_p95_s`` (each sequence makes one token per TPOT), so that a mixed fleet is loaded in
+    proportion to speed; None (the gateway's default) without the pool's nominal ``tokens_per_s``."""
+    if pool.tokens_per_s is None:
+        return None
+    return max(1, min(4096, math.floor(pool.tokens_per_s * fleet.slo.tpot_p95_s)))
 
 
 def _check_no_secrets(settings: Mapping[str, Any]) -> None:
