@@ -59,9 +59,6 @@ class SlotSealer:
         self._keys = keys
         self.stats = {"sealed": 0, "opened": 0, "unreadable": 0}
 
-    def exists(self, sealed: str) -> bool:
-        return (self._dir / sealed).is_file()
-
     async def seal(self, tenant_id: str, scratch: str, sealed: str) -> bool:
         """Seal the plaintext ``scratch`` file llama.cpp just wrote as ``sealed``; False if it was not there."""
         try:
